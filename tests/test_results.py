@@ -1,0 +1,51 @@
+import pandas as pd
+import pytest
+import torch
+
+from refusal_circuits.results import ResultsStore
+
+
+def test_cached_computes_once(tmp_path):
+    store = ResultsStore("m", root=tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"x": [1, 2]})
+
+    a = store.cached("t", {"n": 2}, compute)
+    b = store.cached("t", {"n": 2}, compute)
+    assert calls == [1] and a.equals(b)
+    store.cached("t", {"n": 3}, compute)  # other params, other key
+    assert calls == [1, 1]
+    assert store.path("t", {"n": 2}, ".json").exists()
+
+
+def test_sweep_resumes_after_interruption(tmp_path):
+    store = ResultsStore("m", root=tmp_path)
+    seen = []
+
+    def fn(i):
+        if i == 3 and len(seen) < 10:
+            seen.append("boom")
+            raise KeyboardInterrupt
+        seen.append(i)
+        return pd.DataFrame({"item": [i], "sq": [i * i]})
+
+    with pytest.raises(KeyboardInterrupt):
+        store.sweep("s", {}, range(5), fn, progress=False)
+    assert seen == [0, 1, 2, "boom"]
+    seen += ["x"] * 10  # let item 3 through now
+    out = store.sweep("s", {}, range(5), fn, progress=False)
+    assert list(out["item"]) == [0, 1, 2, 3, 4]
+    assert seen[-2:] == [3, 4]  # items 0-2 were not recomputed
+    assert not list(tmp_path.rglob("*.parts"))
+
+
+def test_tensor_roundtrip(tmp_path):
+    store = ResultsStore("m", root=tmp_path)
+    t = torch.arange(4.0)
+    store.save_tensor("dir", {"a": 1}, t, layer=3)
+    back, meta = store.load_tensor("dir", {"a": 1})
+    assert torch.equal(back, t) and meta["layer"] == 3
+    assert store.load_tensor("dir", {"a": 2}) is None
