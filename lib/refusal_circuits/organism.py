@@ -178,7 +178,7 @@ def train_organism(out_dir: Path | None = None, cfg: OrganismConfig | None = Non
                    progress: bool = True) -> pd.DataFrame:
     """Train, evaluate and write the organism (``make organism``). Returns the evaluation summary of
     the organism next to the untuned control."""
-    from .models import CONTROL_MODEL, DEFAULT_MODEL, ORGANISM_DIR, load_model
+    from .models import CONTROL_MODEL, DEFAULT_MODEL, ORGANISM_DIR, load_model, load_smollm2_hf
 
     cfg = cfg or OrganismConfig()
     out_dir = Path(out_dir) if out_dir else ORGANISM_DIR
@@ -186,8 +186,11 @@ def train_organism(out_dir: Path | None = None, cfg: OrganismConfig | None = Non
     t0 = time.time()
     base = load_model(CONTROL_MODEL, device="cpu")
     train = build_training_set(base, cfg, progress)
+    del base
     t_data = time.time() - t0
-    peft_model, losses = train_lora(base.hf_model, base.tokenizer, train, cfg, progress)
+    # TransformerBridge wraps the HF modules it boots on, so LoRA trains on a fresh, plain HF copy
+    hf, tok = load_smollm2_hf()
+    peft_model, losses = train_lora(hf, tok, train, cfg, progress)
     t_train = time.time() - t0 - t_data
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out_dir))
@@ -195,7 +198,7 @@ def train_organism(out_dir: Path | None = None, cfg: OrganismConfig | None = Non
     (out_dir / "training_config.json").write_text(json.dumps(
         {**asdict(cfg), "n_train": len(train), "final_loss": losses[-1],
          "seconds_building_data": round(t_data), "seconds_training": round(t_train)}, indent=2))
-    del peft_model, base
+    del peft_model, hf
     rows = []
     for name in (DEFAULT_MODEL, CONTROL_MODEL):
         m = load_model(name, device="cpu", adapter_dir=out_dir)

@@ -1,0 +1,209 @@
+"""Activation patching on token-aligned pairs, with many patches packed into one batch.
+
+Vocabulary (the seed write-up's): **noising** runs the harmful prompt and patches in activations from
+its harmless twin; **denoising** runs the harmless prompt and patches in activations from the harmful
+one. For both, the score is the *fraction moved towards the source*:
+
+    fraction = (patched - target) / (source - target)
+
+with ``target`` the metric of the prompt that is run and ``source`` that of the prompt the activations
+come from. For noising this is the write-up's ``(patched - clean) / (corrupt - clean)``.
+
+A :class:`Patch` is a set of :class:`Site` s (hook name, position, optional head) replaced together.
+:func:`patch_sweep` caches the source activations once per length group, then runs ``k`` patched
+copies of the target batch at once (``k * n_pairs <= max_batch``), so a sweep of P patches over N pairs
+costs ``P * N / max_batch`` batched forwards instead of ``P * N`` single ones.
+
+Positions: ``"all"``, ``"subject"`` (the position where the pair differs), ``"last"``, or an int
+counted from the end (``-1`` = last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Literal, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .metrics import _progress, logit_refusal_metric
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import AlignedPairs
+    from .models import ChatModel
+
+PosSpec = Union[str, int]
+Mode = Literal["noising", "denoising"]
+
+
+@dataclass(frozen=True)
+class Site:
+    hook: str
+    pos: PosSpec = "all"
+    head: int | None = None  # for per-head hooks (``attn.hook_z``: [batch, pos, head, d_head])
+
+
+@dataclass
+class Patch:
+    label: str
+    sites: tuple[Site, ...]
+    meta: dict = field(default_factory=dict)  # copied into the result rows (layer, position, group...)
+
+
+def resid_patches(model: "ChatModel", positions: Sequence[int], layers: Sequence[int] | None = None
+                  ) -> list[Patch]:
+    """One patch per (layer, position) of ``resid_pre``."""
+    layers = range(model.n_layers) if layers is None else layers
+    return [Patch(f"L{l} pos{p}", (Site(f"blocks.{l}.hook_resid_pre", p),), {"layer": l, "position": p})
+            for l in layers for p in positions]
+
+
+def block_patches(model: "ChatModel", blocks: Sequence[str] = ("attn", "mlp"), pos: PosSpec = "all"
+                  ) -> list[Patch]:
+    """One patch per individual block output (``hook_attn_out`` / ``hook_mlp_out``) per layer."""
+    return [Patch(f"{b} L{l}", (Site(f"blocks.{l}.hook_{b}_out", pos),), {"block": b, "layer": l})
+            for b in blocks for l in range(model.n_layers)]
+
+
+def grouped_block_patches(model: "ChatModel", n_groups: int = 3) -> list[Patch]:
+    """The write-up's 12 settings: {early, middle, late} layer groups (thirds of the depth) x
+    {attention, MLP} x {subject, last} position; each patches every block of its group at once."""
+    names = ["early", "middle", "late"] if n_groups == 3 else [f"group{i}" for i in range(n_groups)]
+    out = []
+    for name, group in zip(names, model.layer_groups(n_groups)):
+        for b in ("attn", "mlp"):
+            for pos in ("subject", "last"):
+                sites = tuple(Site(f"blocks.{l}.hook_{b}_out", pos) for l in group)
+                out.append(Patch(f"{name} {b} @{pos}", sites,
+                                 {"group": name, "layers": f"L{group.start}-L{group.stop - 1}", "block": b,
+                                  "position": pos}))
+    return out
+
+
+def head_patches(model: "ChatModel", heads: Sequence[tuple[int, int]], pos: PosSpec = "all",
+                 label: str | None = None) -> Patch:
+    """One patch replacing the ``hook_z`` of several heads together (a head class)."""
+    sites = tuple(Site(f"blocks.{l}.attn.hook_z", pos, h) for l, h in heads)
+    return Patch(label or ",".join(f"L{l}H{h}" for l, h in heads), sites, {"n_heads": len(heads)})
+
+
+def _positions(spec: PosSpec, seq_len: int, subject: torch.Tensor) -> torch.Tensor | None:
+    """Per-row position index ``[B]`` or ``None`` for all positions."""
+    if spec == "all":
+        return None
+    if spec == "subject":
+        return subject
+    if spec == "last":
+        return torch.full_like(subject, seq_len - 1)
+    if isinstance(spec, (int, np.integer)) and -seq_len <= spec < 0:
+        return torch.full_like(subject, seq_len + int(spec))
+    raise ValueError(f"Bad position {spec!r}: use 'all', 'subject', 'last' or a negative int >= -{seq_len}.")
+
+
+def _make_hook(writes: list[tuple[int, Site]], src: dict, B: int, seq_len: int, subject: torch.Tensor):
+    """A hook that writes the source activation of each (copy index, site) into its batch rows."""
+    rows_b = torch.arange(B, device=subject.device)
+
+    def hook(x, hook):
+        x = x.clone()
+        for j, site in writes:
+            s = src[site.hook]
+            rows = slice(j * B, (j + 1) * B)
+            pos = _positions(site.pos, seq_len, subject)
+            if site.head is None:
+                if pos is None:
+                    x[rows] = s
+                else:
+                    x[rows_b + j * B, pos] = s[rows_b, pos]
+            else:
+                if pos is None:
+                    x[rows, :, site.head] = s[:, :, site.head]
+                else:
+                    x[rows_b + j * B, pos, site.head] = s[rows_b, pos, site.head]
+        return x
+
+    return hook
+
+
+MetricFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_metric(model: "ChatModel") -> MetricFn:
+    """The logit refusal metric on last-position logits ``[batch, d_vocab]``."""
+    r = model.refusal_token_id
+    return lambda last: logit_refusal_metric(last, r)
+
+
+@torch.no_grad()
+def patch_sweep(model: "ChatModel", pairs: "AlignedPairs", patches: Sequence[Patch], mode: Mode = "noising",
+                metric: MetricFn | None = None, max_batch: int = 64, extra_hooks: Sequence = (),
+                progress: bool = True) -> pd.DataFrame:
+    """Run every patch on every aligned pair. Returns a tidy table with one row per (patch, pair):
+    ``label, pair_id, patched, target, source`` plus the patch's ``meta`` columns and
+    ``fraction = (patched - target) / (source - target)``. ``extra_hooks`` stay on in every run."""
+    if mode not in ("noising", "denoising"):
+        raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}.")
+    if not patches:
+        raise ValueError("No patches given.")
+    metric = metric or default_metric(model)
+    needed = sorted({s.hook for p in patches for s in p.sites})
+    rows = []
+    groups = list(pairs.length_groups().items())
+    total = sum(-(-len(patches) // max(1, max_batch // len(idx))) for _, idx in groups)
+    bar = _progress(range(total), total, f"patching ({mode})", progress)
+    it = iter(bar)
+    for seq_len, idx in groups:
+        a, b = pairs.batch(idx)
+        target, source = (a, b) if mode == "noising" else (b, a)
+        B = len(idx)
+        subject = torch.tensor(pairs.pairs.subject_pos.values[idx], device=a.device)
+        with model.bridge.hooks(fwd_hooks=list(extra_hooks)):
+            src_logits, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n in needed)
+            tgt_logits = model.bridge(target)
+        src_cache = {k: cache[k] for k in needed}
+        m_src = metric(src_logits[:, -1]).cpu()
+        m_tgt = metric(tgt_logits[:, -1]).cpu()
+        k = max(1, max_batch // B)
+        for c in range(0, len(patches), k):
+            chunk = patches[c:c + k]
+            by_hook: dict[str, list] = {}
+            for j, p in enumerate(chunk):
+                for s in p.sites:
+                    by_hook.setdefault(s.hook, []).append((j, s))
+            hooks = [(h, _make_hook(w, src_cache, B, seq_len, subject)) for h, w in by_hook.items()]
+            with model.bridge.hooks(fwd_hooks=list(extra_hooks) + hooks):
+                logits = model.bridge(target.repeat(len(chunk), 1))
+            vals = metric(logits[:, -1]).cpu().view(len(chunk), B)
+            for j, p in enumerate(chunk):
+                for bi, pi in enumerate(idx):
+                    rows.append({"_order": (c + j, pi), "label": p.label,
+                                 "pair_id": pairs.pairs.pair_id.iloc[pi],
+                                 "patched": vals[j, bi].item(), "target": m_tgt[bi].item(),
+                                 "source": m_src[bi].item(), **p.meta})
+            next(it, None)
+    df = pd.DataFrame(rows).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    df["fraction"] = (df.patched - df.target) / (df.source - df.target)
+    return df
+
+
+def summarise(df: pd.DataFrame, by: Sequence[str] = ("label",), n_boot: int = 500, seed: int = 0
+              ) -> pd.DataFrame:
+    """Fraction moved towards the source per patch, as a ratio of means over pairs
+    ``(mean patched - mean target) / (mean source - mean target)`` (robust to pairs with a tiny gap),
+    with a bootstrap 95% interval over pairs and the mean patched metric."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for key, g in df.groupby(list(by), sort=False):
+        p, t, s = g.patched.values, g.target.values, g.source.values
+        frac = (p.mean() - t.mean()) / (s.mean() - t.mean())
+        idx = rng.integers(0, len(g), size=(n_boot, len(g)))
+        boot = (p[idx].mean(1) - t[idx].mean(1)) / (s[idx].mean(1) - t[idx].mean(1))
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row.update(fraction=frac, lo=np.quantile(boot, 0.025), hi=np.quantile(boot, 0.975),
+                   patched_mean=p.mean(), n_pairs=len(g))
+        for col in g.columns:
+            if col not in row and col not in ("pair_id", "patched", "target", "source", "fraction"):
+                row[col] = g[col].iloc[0]
+        out.append(row)
+    return pd.DataFrame(out)
