@@ -84,3 +84,25 @@ def test_bad_inputs(tiny_llama, pairs):
         patch_sweep(tiny_llama, pairs, resid_patches(tiny_llama, [-1]), mode="sideways")
     with pytest.raises(ValueError, match="Bad position"):
         patch_sweep(tiny_llama, pairs, [Patch("x", (Site("blocks.0.hook_resid_pre", 5),))], progress=False)
+
+
+def test_layer_skipping_is_exact_on_every_architecture(tiny_model):
+    """Starting at the patched layer (lower layers skipped) gives the same numbers as full passes."""
+    m = tiny_model
+    pairs = align_pairs(m, load_toy_pairs().head(4))
+    patches = (resid_patches(m, [-7, -1], layers=[1]) + block_patches(m)
+               + [head_patches(m, [(1, 2)], "subject"), head_patches(m, [(0, 0), (1, 1)], "all")])
+    fast = patch_sweep(m, pairs, patches, "noising", max_batch=16, skip_layers=True, progress=False)
+    slow = patch_sweep(m, pairs, patches, "noising", max_batch=16, skip_layers=False, progress=False)
+    assert fast.label.tolist() == slow.label.tolist()
+    assert fast.patched.values == pytest.approx(slow.patched.values, abs=1e-4)
+    p = patches[0]
+    assert fast[fast.label == p.label].patched.values == pytest.approx(naive(m, pairs, p, "noising"), abs=1e-4)
+
+
+def test_skip_lower_layers_restores_the_model(tiny_llama):
+    from refusal_circuits.patching import skip_lower_layers
+    layers_before = list(tiny_llama.hf_model.model.layers)
+    with skip_lower_layers(tiny_llama, 1) as skipped:
+        assert skipped and len(tiny_llama.hf_model.model.layers) == tiny_llama.n_layers - 1
+    assert list(tiny_llama.hf_model.model.layers) == layers_before

@@ -96,6 +96,16 @@ class AlignedPairs:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def subset(self, n: int | None) -> "AlignedPairs":
+        """``n`` pairs spread evenly over the table (all of them when ``n`` is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}.")
+        idx = [round(i * (len(self) - 1) / max(n - 1, 1)) for i in range(n)] if n > 1 else [0]
+        return AlignedPairs(self.pairs.iloc[idx].reset_index(drop=True), self.dropped,
+                            [self.tokens_a[i] for i in idx], [self.tokens_b[i] for i in idx])
+
     def length_groups(self) -> dict[int, list[int]]:
         """Indices of aligned pairs grouped by token length: each group stacks into one batch
         without padding."""

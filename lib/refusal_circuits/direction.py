@@ -171,8 +171,9 @@ def select_direction(model: "ChatModel", candidates: torch.Tensor, positions: Se
     grid = [(l, pi) for l in layers for pi in range(len(positions))]
     for l, pi in _progress(grid, len(grid), "candidates", progress):
         vec = candidates[l, pi]
-        lp_h = _last_log_probs(model, harmful_val, ablation_hooks(model, vec), batch_size)
-        lp_s_abl = _last_log_probs(model, harmless_val, ablation_hooks(model, vec), batch_size)
+        both = _last_log_probs(model, list(harmful_val) + list(harmless_val), ablation_hooks(model, vec),
+                               batch_size)
+        lp_h, lp_s_abl = both[:len(harmful_val)], both[len(harmful_val):]
         lp_s_add = _last_log_probs(model, harmless_val, addition_hooks(model, vec, l), batch_size)
         kl = (base_s.exp() * (base_s - lp_s_abl)).sum(-1).mean()
         rows.append({"layer": l, "position": positions[pi],
@@ -227,6 +228,7 @@ def block_contributions(model: "ChatModel", instructions: Sequence[str], directi
     (prompt, layer, block) with ``value = block_out . d`` (``d`` normalised)."""
     names = [f"blocks.{l}.hook_{b}_out" for l in range(model.n_layers) for b in ("attn", "mlp")]
     rows = []
+    offset = 0
     for batch in _batches(list(instructions), batch_size):
         ids, mask = model.to_tokens(batch)
         _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
@@ -234,9 +236,28 @@ def block_contributions(model: "ChatModel", instructions: Sequence[str], directi
         for name in names:
             l, b = int(name.split(".")[1]), name.split("_")[-2]
             vals = (cache[name][:, position].float() @ r).cpu().numpy()
-            for instr, v in zip(batch, vals):
-                rows.append({"instruction": instr, "layer": l, "block": b, "value": float(v)})
+            for k, (instr, v) in enumerate(zip(batch, vals)):
+                rows.append({"prompt": offset + k, "instruction": instr, "layer": l, "block": b, "value": float(v)})
+        offset += len(batch)
     return pd.DataFrame(rows)
+
+
+def paired_block_contributions(model: "ChatModel", harmful: Sequence[str], harmless: Sequence[str],
+                               direction: torch.Tensor) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Block writes along ``direction`` for pairs (``harmful[i]`` with ``harmless[i]``). Returns
+    ``(per_pair, summary)``: per pair ``diff = harmful - harmless``; the summary has the mean difference
+    per (block, layer) with a 95% normal interval (``lo``, ``hi``)."""
+    if len(harmful) != len(harmless):
+        raise ValueError(f"harmful and harmless must pair up: {len(harmful)} vs {len(harmless)} prompts.")
+    h = block_contributions(model, harmful, direction)
+    s = block_contributions(model, harmless, direction)
+    per_pair = h.merge(s, on=["prompt", "layer", "block"], suffixes=("_harmful", "_harmless"))
+    per_pair["diff"] = per_pair.value_harmful - per_pair.value_harmless
+    summary = per_pair.groupby(["block", "layer"]).diff.agg(["mean", "sem"]).reset_index()
+    summary["sem"] = summary["sem"].fillna(0.0)
+    summary["lo"] = summary["mean"] - 1.96 * summary["sem"]
+    summary["hi"] = summary["mean"] + 1.96 * summary["sem"]
+    return per_pair, summary
 
 
 def clamp_sweep(model: "ChatModel", instructions: Sequence[str], direction: torch.Tensor, layer: int,
@@ -261,3 +282,40 @@ def self_repair(model: "ChatModel", instructions: Sequence[str], direction: torc
         hooks = component_hooks(l, direction, 0.0)
         frames.append(component_by_layer(model, instructions, direction, hooks, batch_size).assign(ablated_at=l))
     return pd.concat(frames, ignore_index=True)
+
+
+def refusal_direction(model: "ChatModel", store, n_train: int = 64, n_val: int = 8, layer_stride: int = 2,
+                      progress: bool = True) -> DirectionChoice:
+    """The model's refusal direction, computed once and saved with its metadata in ``store``.
+
+    Candidates come from the first ``n_train`` harmful and harmless *train* prompts; selection scores
+    use ``n_val`` *val* prompts of each, at every ``layer_stride``-th layer. Every later notebook calls
+    this with the same arguments and so reuses the saved direction.
+    """
+    from .data import data_hash, load_instructions
+
+    harm_tr = load_instructions("harmful", "train", n=n_train)
+    safe_tr = load_instructions("harmless", "train", n=n_train)
+    harm_va = load_instructions("harmful", "val", n=n_val)
+    safe_va = load_instructions("harmless", "val", n=n_val)
+    params = {"n_train": n_train, "n_val": n_val, "layer_stride": layer_stride,
+              "data": data_hash(harm_tr, safe_tr, harm_va, safe_va)}
+    saved = store.load_tensor("refusal_direction", params)
+    scores = store.load("direction_scores", params)
+    if saved is not None and scores is not None:
+        vec, meta = saved
+        return DirectionChoice(vec, meta["layer"], meta["position"], scores, meta["baseline_harmful"],
+                               meta["baseline_harmless"])
+    cands, positions = candidate_directions(model, harm_tr.instruction.tolist(), safe_tr.instruction.tolist(),
+                                            progress=progress)
+    layers = [l for l in range(0, model.n_layers, layer_stride) if l < 0.8 * model.n_layers]
+    choice = select_direction(model, cands, positions, harm_va.instruction.tolist(),
+                              safe_va.instruction.tolist(), layers=layers, progress=progress)
+    store.save("direction_scores", params, choice.scores)
+    store.save_tensor("refusal_direction", params, choice.direction, layer=choice.layer,
+                      position=choice.position, model=model.name, baseline_harmful=choice.baseline_harmful,
+                      baseline_harmless=choice.baseline_harmless, norm=float(choice.direction.norm()),
+                      **{k: v for k, v in params.items()},
+                      **{k: float(v) for k, v in choice.scores.set_index(["layer", "position"])
+                         .loc[(choice.layer, choice.position), ["bypass", "induce", "kl"]].items()})
+    return choice

@@ -20,6 +20,8 @@ counted from the end (``-1`` = last).
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Sequence, Union
 
@@ -126,6 +128,54 @@ def _make_hook(writes: list[tuple[int, Site]], src: dict, B: int, seq_len: int, 
     return hook
 
 
+def _decoder_layers(model: "ChatModel"):
+    """The HF module holding the decoder-layer ModuleList whose items are the bridge's blocks."""
+    blocks = list(model.bridge.blocks)
+    for module in model.hf_model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) == len(blocks) and layers[0] is blocks[0]:
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def skip_lower_layers(model: "ChatModel", start: int):
+    """Temporarily drop decoder layers ``0..start-1`` from the HF model, so that a bridge forward with
+    ``start_at_layer=start`` computes only the layers that a patch at ``start`` can change.
+
+    ``TransformerBridge`` resumes at a layer by swapping the residual in at block ``start`` but still
+    runs the blocks below it; this removes them. Per-layer config lists indexed by position
+    (``config.layer_types``, e.g. Gemma-2's sliding/global layers) are sliced alike. Yields ``False``
+    (and changes nothing) when the layer list cannot be found.
+    """
+    owner = _decoder_layers(model) if start > 0 else None
+    if owner is None:
+        yield False
+        return
+    cfg = model.hf_model.config
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    full = owner.layers
+    types = getattr(text_cfg, "layer_types", None)
+    owner.layers = torch.nn.ModuleList(list(full)[start:])
+    if isinstance(types, list) and len(types) == len(full):
+        text_cfg.layer_types = types[start:]
+    try:
+        yield True
+    finally:
+        owner.layers = full
+        if isinstance(types, list):
+            text_cfg.layer_types = types
+
+
+_LAYER = re.compile(r"blocks\.(\d+)\.")
+
+
+def start_layer(patch: Patch) -> int:
+    """The lowest layer any site of ``patch`` touches: nothing below it differs from the target run."""
+    layers = [int(m.group(1)) for s in patch.sites if (m := _LAYER.match(s.hook))]
+    return min(layers) if len(layers) == len(patch.sites) else 0
+
+
 MetricFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -138,19 +188,40 @@ def default_metric(model: "ChatModel") -> MetricFn:
 @torch.no_grad()
 def patch_sweep(model: "ChatModel", pairs: "AlignedPairs", patches: Sequence[Patch], mode: Mode = "noising",
                 metric: MetricFn | None = None, max_batch: int = 64, extra_hooks: Sequence = (),
-                progress: bool = True) -> pd.DataFrame:
+                skip_layers: bool = True, progress: bool = True) -> pd.DataFrame:
     """Run every patch on every aligned pair. Returns a tidy table with one row per (patch, pair):
     ``label, pair_id, patched, target, source`` plus the patch's ``meta`` columns and
-    ``fraction = (patched - target) / (source - target)``. ``extra_hooks`` stay on in every run."""
+    ``fraction = (patched - target) / (source - target)``. ``extra_hooks`` stay on in every run.
+
+    With ``skip_layers`` (default) each patched forward starts at the patch's lowest layer from the
+    target's cached ``resid_pre`` and skips the layers below (see :func:`skip_lower_layers`), so the
+    compute is the sum over patches of the layers that can change. Patches are chunked by start
+    layer; extra hooks below a patch's start layer would be skipped, so they turn skipping off."""
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}.")
     if not patches:
         raise ValueError("No patches given.")
     metric = metric or default_metric(model)
     needed = sorted({s.hook for p in patches for s in p.sites})
+    if extra_hooks:
+        skip_layers = False
+    order = sorted(range(len(patches)), key=lambda i: start_layer(patches[i]) if skip_layers else 0)
+    starts = sorted({start_layer(patches[i]) for i in order}) if skip_layers else [0]
+    resid_names = [f"blocks.{l}.hook_resid_pre" for l in starts if l > 0]
     rows = []
     groups = list(pairs.length_groups().items())
-    total = sum(-(-len(patches) // max(1, max_batch // len(idx))) for _, idx in groups)
+
+    def chunks(B: int):
+        k = max(1, max_batch // B)
+        out, cur = [], []
+        for i in order:
+            if cur and (len(cur) == k or (skip_layers and start_layer(patches[i]) != start_layer(patches[cur[0]]))):
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        return out + [cur]
+
+    total = sum(len(chunks(len(idx))) for _, idx in groups)
     bar = _progress(range(total), total, f"patching ({mode})", progress)
     it = iter(bar)
     for seq_len, idx in groups:
@@ -160,24 +231,29 @@ def patch_sweep(model: "ChatModel", pairs: "AlignedPairs", patches: Sequence[Pat
         subject = torch.tensor(pairs.pairs.subject_pos.values[idx], device=a.device)
         with model.bridge.hooks(fwd_hooks=list(extra_hooks)):
             src_logits, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n in needed)
-            tgt_logits = model.bridge(target)
+            tgt_logits, tcache = model.bridge.run_with_cache(target, names_filter=lambda n: n in resid_names)
         src_cache = {k: cache[k] for k in needed}
         m_src = metric(src_logits[:, -1]).cpu()
         m_tgt = metric(tgt_logits[:, -1]).cpu()
-        k = max(1, max_batch // B)
-        for c in range(0, len(patches), k):
-            chunk = patches[c:c + k]
+        for chunk_idx in chunks(B):
+            chunk = [patches[i] for i in chunk_idx]
             by_hook: dict[str, list] = {}
             for j, p in enumerate(chunk):
                 for s in p.sites:
                     by_hook.setdefault(s.hook, []).append((j, s))
             hooks = [(h, _make_hook(w, src_cache, B, seq_len, subject)) for h, w in by_hook.items()]
+            k0 = start_layer(chunk[0]) if skip_layers else 0
             with model.bridge.hooks(fwd_hooks=list(extra_hooks) + hooks):
-                logits = model.bridge(target.repeat(len(chunk), 1))
+                if k0 > 0:
+                    resid = tcache[f"blocks.{k0}.hook_resid_pre"].repeat(len(chunk), 1, 1)
+                    with skip_lower_layers(model, k0):
+                        logits = model.bridge(resid, start_at_layer=k0, use_cache=False)
+                else:
+                    logits = model.bridge(target.repeat(len(chunk), 1))
             vals = metric(logits[:, -1]).cpu().view(len(chunk), B)
-            for j, p in enumerate(chunk):
+            for j, (pidx, p) in enumerate(zip(chunk_idx, chunk)):
                 for bi, pi in enumerate(idx):
-                    rows.append({"_order": (c + j, pi), "label": p.label,
+                    rows.append({"_order": (pidx, pi), "label": p.label,
                                  "pair_id": pairs.pairs.pair_id.iloc[pi],
                                  "patched": vals[j, bi].item(), "target": m_tgt[bi].item(),
                                  "source": m_src[bi].item(), **p.meta})

@@ -102,3 +102,57 @@ def distribution_figure(df, value: str, group: str, title: str, value_label: str
                              hovertemplate="%{text}<br>" + value_label + " = %{y:.2f}<extra></extra>"))
     fig.update_layout(title=title, yaxis_title=value_label, showlegend=False)
     return fig
+
+
+def heatmap(df, x: str, y: str, value: str, title: str, x_label: str, y_label: str, zmid: float | None = 0.0,
+            x_ticktext: list[str] | None = None, colorscale: str = "RdBu_r", colorbar: str = "") -> go.Figure:
+    """``value`` over a ``y`` x ``x`` grid (a tidy table is pivoted; missing cells stay blank)."""
+    grid = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
+    fig = go.Figure(go.Heatmap(
+        z=grid.values, x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index], zmid=zmid,
+        colorscale=colorscale, colorbar=dict(title=colorbar or value),
+        hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>{colorbar or value} = %{{z:.3f}}<extra></extra>"))
+    if x_ticktext is not None:
+        fig.update_xaxes(tickmode="array", tickvals=[str(c) for c in grid.columns], ticktext=x_ticktext)
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
+    return fig
+
+
+def lines_with_band(df, x: str, value: str, group: str, title: str, x_label: str, y_label: str,
+                    band: str = "std") -> go.Figure:
+    """Mean of ``value`` against ``x`` per ``group``, with a ±1 std (or ``band="sem"``) band."""
+    fig = go.Figure()
+    for g, sub in df.groupby(group, sort=False):
+        stats = sub.groupby(x)[value].agg(["mean", "std", "count"]).reset_index()
+        spread = stats["std"] if band == "std" else stats["std"] / stats["count"] ** 0.5
+        color = COLORS.get(str(g).split()[0])
+        xs = list(stats[x]) + list(stats[x])[::-1]
+        ys = list(stats["mean"] + spread) + list(stats["mean"] - spread)[::-1]
+        fig.add_trace(go.Scatter(x=xs, y=ys, fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
+                                 hoverinfo="skip", showlegend=False, legendgroup=str(g)))
+        fig.add_trace(go.Scatter(x=stats[x], y=stats["mean"], mode="lines+markers", name=str(g),
+                                 line=dict(color=color), legendgroup=str(g), customdata=stats[["std", "count"]],
+                                 hovertemplate=f"{g}<br>{x_label} %{{x}}<br>mean %{{y:.3f}} "
+                                               f"(std %{{customdata[0]:.3f}}, n=%{{customdata[1]}})<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
+    return fig
+
+
+def bars(df, x: str, value: str, group: str | None, title: str, x_label: str, y_label: str,
+         err_lo: str | None = None, err_hi: str | None = None, hline: float | None = None) -> go.Figure:
+    """Grouped bars of ``value`` with optional asymmetric error bars (columns ``err_lo``/``err_hi``
+    hold the interval ends) and an optional horizontal reference line."""
+    fig = go.Figure()
+    groups = df.groupby(group, sort=False) if group else [("", df)]
+    for g, sub in groups:
+        error_y = None
+        if err_lo and err_hi:
+            error_y = dict(type="data", symmetric=False, array=sub[err_hi] - sub[value],
+                           arrayminus=sub[value] - sub[err_lo])
+        fig.add_trace(go.Bar(x=sub[x].astype(str), y=sub[value], name=str(g), error_y=error_y,
+                             marker_color=COLORS.get(str(g).split()[0]) if g else None,
+                             hovertemplate=f"{g} %{{x}}<br>{y_label} = %{{y:.3f}}<extra></extra>"))
+    if hline is not None:
+        fig.add_hline(y=hline, line_dash="dash", line_color="grey")
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, barmode="group")
+    return fig
