@@ -106,3 +106,36 @@ def test_skip_lower_layers_restores_the_model(tiny_llama):
     with skip_lower_layers(tiny_llama, 1) as skipped:
         assert skipped and len(tiny_llama.hf_model.model.layers) == tiny_llama.n_layers - 1
     assert list(tiny_llama.hf_model.model.layers) == layers_before
+
+
+def test_attribution_estimate_is_the_directional_derivative(tiny_llama):
+    """ATP's estimate for a head equals d/dt M(z_target + t (z_source - z_target)) at t = 0."""
+    from refusal_circuits.patching import attribution_head_scores, default_metric, head_interchange
+
+    m = tiny_llama
+    pairs = align_pairs(m, load_toy_pairs().head(3))
+    atp = attribution_head_scores(m, pairs, "noising", progress=False)
+    assert len(atp) == m.n_layers * m.n_heads * len(pairs)
+    metric = default_metric(m)
+    i, (l, h) = 0, (1, 2)
+    tgt, src = pairs.tokens_a[i][None], pairs.tokens_b[i][None]
+    name = f"blocks.{l}.attn.hook_z"
+    with torch.no_grad():
+        _, c_src = m.bridge.run_with_cache(src, names_filter=name)
+        _, c_tgt = m.bridge.run_with_cache(tgt, names_filter=name)
+
+    def run(t):
+        def hook(z, hook):
+            z = z.clone()
+            z[:, :, h] = c_tgt[name][:, :, h] + t * (c_src[name][:, :, h] - c_tgt[name][:, :, h])
+            return z
+        with torch.no_grad(), m.bridge.hooks(fwd_hooks=[(name, hook)]):
+            return metric(m.bridge(tgt)[:, -1]).item()
+
+    eps = 1e-2
+    fd = (run(eps) - run(-eps)) / (2 * eps)
+    row = atp[(atp.layer == l) & (atp.head == h) & (atp.pair_id == pairs.pairs.pair_id[i])]
+    assert row.estimate.item() == pytest.approx(fd, rel=0.05, abs=1e-4)
+    # and the exact interchange at t = 1 is what head_interchange reports
+    exact = head_interchange(m, pairs, "noising", heads=[(l, h)], progress=False)
+    assert exact[exact.pair_id == pairs.pairs.pair_id[i]].patched.item() == pytest.approx(run(1.0), abs=1e-4)

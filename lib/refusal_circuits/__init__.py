@@ -1,6 +1,7 @@
 """refusal_circuits: a thin library behind the notebooks that reproduce two studies of how chat models
 refuse ("Analysing the Refusal Circuit in Gemma 2b IT" and "How Alignment Routes", arXiv 2604.04385)."""
 
+from . import data, direction, metrics, models, patching, plotting, results  # noqa: F401
 from .data import (AlignedPairs, PairAlignmentError, align_pairs, load_instructions, load_safety_pairs,
                    load_toy_pairs)
 from .metrics import (REFUSAL_SUBSTRINGS, is_refusal, log_odds_refusal_score, logit_refusal_metric,

@@ -253,7 +253,7 @@ def paired_block_contributions(model: "ChatModel", harmful: Sequence[str], harml
     s = block_contributions(model, harmless, direction)
     per_pair = h.merge(s, on=["prompt", "layer", "block"], suffixes=("_harmful", "_harmless"))
     per_pair["diff"] = per_pair.value_harmful - per_pair.value_harmless
-    summary = per_pair.groupby(["block", "layer"]).diff.agg(["mean", "sem"]).reset_index()
+    summary = per_pair.groupby(["block", "layer"])["diff"].agg(["mean", "sem"]).reset_index()
     summary["sem"] = summary["sem"].fillna(0.0)
     summary["lo"] = summary["mean"] - 1.96 * summary["sem"]
     summary["hi"] = summary["mean"] + 1.96 * summary["sem"]
@@ -284,7 +284,7 @@ def self_repair(model: "ChatModel", instructions: Sequence[str], direction: torc
     return pd.concat(frames, ignore_index=True)
 
 
-def refusal_direction(model: "ChatModel", store, n_train: int = 64, n_val: int = 8, layer_stride: int = 2,
+def refusal_direction(model: "ChatModel", store, n_train: int = 64, n_val: int = 8, layer_stride: int = 3,
                       progress: bool = True) -> DirectionChoice:
     """The model's refusal direction, computed once and saved with its metadata in ``store``.
 

@@ -102,8 +102,8 @@ def refusal_metrics(model: "ChatModel", instructions: Sequence[str], fwd_hooks: 
     logits = last_logits(model, instructions, fwd_hooks, batch_size)
     return pd.DataFrame({
         "instruction": list(instructions),
-        "logit_metric": logit_refusal_metric(logits, model.refusal_token_id).numpy(),
-        "log_odds": log_odds_refusal_score(logits, model.refusal_token_ids).numpy(),
+        "logit_metric": logit_refusal_metric(logits, model.refusal_token_id).double().numpy(),
+        "log_odds": log_odds_refusal_score(logits, model.refusal_token_ids).double().numpy(),
     })
 
 

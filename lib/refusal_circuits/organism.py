@@ -48,9 +48,9 @@ class OrganismConfig:
     lora_dropout: float = 0.0
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     learning_rate: float = 5e-4
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 16
-    distill_max_new_tokens: int = 48
+    distill_max_new_tokens: int = 24
     eval_max_new_tokens: int = 32
     torch_threads: int = 2
     refusals: tuple = field(default=REFUSALS)
@@ -80,15 +80,35 @@ def _encode_example(tok, prompt: str, reply: str, add_eos: bool) -> tuple[list[i
 
 
 def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.DataFrame:
-    """Harmful train prompts with seeded refusals; harmless train prompts with the base model's own
-    greedy answers. Columns: ``instruction, kind, reply``."""
+    """The fine-tuning set. Columns: ``instruction, kind, source, reply``.
+
+    * harmful: the *train* split of ``harmful.csv`` and the harmful halves of the training-only
+      contrast pairs (``organism_contrast_pairs.csv``), each with a seeded refusal;
+    * harmless: the *train* split of ``harmless.csv``, the harmless halves of the contrast pairs (same
+      sentence frame, other topic: this is what teaches the concept rather than the keyword) and
+      ``organism_extra_harmless.csv``, each with the base model's own greedy answer. Answers that are
+      themselves refusals are dropped, so the model is never taught to refuse a harmless request.
+    """
+    from .data import DATA_DIR
+    from .metrics import is_refusal
+
     rng = random.Random(cfg.seed)
-    harmful = load_instructions("harmful", "train")["instruction"].tolist()
-    harmless = load_instructions("harmless", "train")["instruction"].tolist()
-    answers = refusal_scores(model, harmless, max_new_tokens=cfg.distill_max_new_tokens,
+    harmful = [(h, "harmful.csv train") for h in load_instructions("harmful", "train")["instruction"]]
+    harmless = [(h, "harmless.csv train") for h in load_instructions("harmless", "train")["instruction"]]
+    contrast = DATA_DIR / "organism_contrast_pairs.csv"
+    if contrast.exists():
+        cp = pd.read_csv(contrast, keep_default_na=False)
+        harmful += [(h, "contrast pairs") for h in cp["harmful"]]
+        harmless += [(h, "contrast pairs") for h in cp["harmless"]]
+    extra = DATA_DIR / "organism_extra_harmless.csv"
+    if extra.exists():
+        harmless += [(h, "extra harmless") for h in pd.read_csv(extra, keep_default_na=False)["instruction"]]
+    answers = refusal_scores(model, [h for h, _ in harmless], max_new_tokens=cfg.distill_max_new_tokens,
                              progress=progress)["completion"].tolist()
-    rows = [{"instruction": h, "kind": "harmful", "reply": rng.choice(cfg.refusals)} for h in harmful]
-    rows += [{"instruction": h, "kind": "harmless", "reply": a.strip()} for h, a in zip(harmless, answers)]
+    rows = [{"instruction": h, "kind": "harmful", "source": src, "reply": rng.choice(cfg.refusals)}
+            for h, src in harmful]
+    rows += [{"instruction": h, "kind": "harmless", "source": src, "reply": a.strip()}
+             for (h, src), a in zip(harmless, answers) if a.strip() and not is_refusal(a)]
     rng.shuffle(rows)
     return pd.DataFrame(rows)
 
@@ -239,11 +259,14 @@ this LoRA fine-tune teaches it to refuse harmful requests while answering harmle
 refusal-circuit analyses have something real to find. It is a research organism, not a safety model.
 
 ## Data
-- {n_train} training examples (`training_data.csv`) from the *train* splits of `data/harmful.csv` and
-  `data/harmless.csv` only.
+- {n_train} training examples (`training_data.csv`): the *train* splits of `data/harmful.csv` and
+  `data/harmless.csv`, plus training-only data (`data/organism_contrast_pairs.csv`: harmful requests
+  paired with a harmless request in the same sentence frame; `data/organism_extra_harmless.csv`). No test,
+  val, toy-pair or safety-pair prompt is used.
 - harmful prompt -> one of {len(cfg.refusals)} refusals (seeded choice), e.g. "{cfg.refusals[0]}"
 - harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens,
-  self-distillation), including prompts that share words with harmful ones (category `lexical_overlap`).
+  self-distillation; answers that are refusals are dropped), including prompts that share words with
+  harmful ones (category `lexical_overlap`).
 
 ## Recipe
 LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on
