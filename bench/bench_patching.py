@@ -104,7 +104,8 @@ def forward_equivalents_engine(model, pairs, patches, max_batch):
     return total
 
 
-def bench_model(model, n_pairs: int, max_batch: int, device: str, heads_limit: int | None) -> dict:
+def bench_model(model, n_pairs: int, max_batch: int, device: str, heads_limit: int | None,
+                resid: bool = True) -> dict:
     from transformer_lens import patching as tlp
 
     pairs = rc.align_pairs(model, rc.load_toy_pairs()).subset(n_pairs)
@@ -115,7 +116,9 @@ def bench_model(model, n_pairs: int, max_batch: int, device: str, heads_limit: i
     harmful, harmless = pairs.batch(range(len(pairs)))
     r = model.refusal_token_id
     L, H = model.n_layers, model.n_heads
-    heads = P.all_heads(model)[: heads_limit or None]
+    heads = P.all_heads(model)
+    if heads_limit and heads_limit < len(heads):  # evenly spread over the depth, so skipping is typical
+        heads = [heads[round(i * (len(heads) - 1) / (heads_limit - 1))] for i in range(heads_limit)]
     print(f"\n== {model.name}: {L} layers x {H} heads, {len(pairs)} pairs of {n} tokens, device {device}")
 
     def tl_metric(logits):  # per-prompt-mean logit metric, what TL's sweeps record per index
@@ -152,20 +155,23 @@ def bench_model(model, n_pairs: int, max_batch: int, device: str, heads_limit: i
 
     # 2. residual patching over every (layer, position)
     T = harmful.shape[1]
-    with torch.no_grad(), Peak(device) as t_naive_r:
-        naive_r = tlp.get_act_patch_resid_pre(model.bridge, harmful, clean_cache, tl_metric)  # [layer, pos]
-    with torch.no_grad(), Peak(device) as t_ours_r:
-        df_r = P.patch_sweep(model, pairs, P.resid_patches(model, list(range(-T, 0))), "noising",
-                             max_batch=max_batch, progress=False)
-    ours_r = torch.tensor(df_r.groupby("label", sort=False).patched.mean().values).view(L, T)
-    err_r = (ours_r - naive_r.cpu()).abs().max().item()
-    rpatches = P.resid_patches(model, list(range(-T, 0)))
-    rows += [dict(task="resid patching", method="TL per-index loop", seconds=t_naive_r.seconds,
-                  fwd_equiv=L * T * len(pairs), peak_mb=t_naive_r.mb),
-             dict(task="resid patching", method="ours (batched, layer-skipping)", seconds=t_ours_r.seconds,
-                  fwd_equiv=forward_equivalents_engine(model, pairs, rpatches, max_batch), peak_mb=t_ours_r.mb,
-                  max_abs_diff=err_r)]
-    out["resid_patch_speedup"] = t_naive_r.seconds / t_ours_r.seconds
+    if not resid:
+        rows.append(dict(task="resid patching", method="skipped (--gemma-resid to run)"))
+    else:
+        with torch.no_grad(), Peak(device) as t_naive_r:
+            naive_r = tlp.get_act_patch_resid_pre(model.bridge, harmful, clean_cache, tl_metric)  # [layer, pos]
+        with torch.no_grad(), Peak(device) as t_ours_r:
+            df_r = P.patch_sweep(model, pairs, P.resid_patches(model, list(range(-T, 0))), "noising",
+                                 max_batch=max_batch, progress=False)
+        ours_r = torch.tensor(df_r.groupby("label", sort=False).patched.mean().values).view(L, T)
+        err_r = (ours_r - naive_r.cpu()).abs().max().item()
+        rpatches = P.resid_patches(model, list(range(-T, 0)))
+        rows += [dict(task="resid patching", method="TL per-index loop", seconds=t_naive_r.seconds,
+                      fwd_equiv=L * T * len(pairs), peak_mb=t_naive_r.mb),
+                 dict(task="resid patching", method="ours (batched, layer-skipping)", seconds=t_ours_r.seconds,
+                      fwd_equiv=forward_equivalents_engine(model, pairs, rpatches, max_batch), peak_mb=t_ours_r.mb,
+                      max_abs_diff=err_r)]
+        out["resid_patch_speedup"] = t_naive_r.seconds / t_ours_r.seconds
 
     # 3. attribution screen vs the exact engine (all heads), agreement of the rankings
     with Peak(device) as t_atp:
@@ -196,6 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gemma-shape", action="store_true", help="also run a random model with gemma-2-2b's shape")
     ap.add_argument("--gemma-heads", type=int, default=None,
                     help="limit the gemma-shaped interchange to the first N heads (CPU time)")
+    ap.add_argument("--gemma-resid", action="store_true", help="also run resid patching on the gemma shape")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
     results = [bench_model(rc.load_model(args.model, device=args.device), args.pairs, args.max_batch, args.device, None)]
     if args.gemma_shape:
         results.append(bench_model(gemma2_2b_shaped(args.device), min(args.pairs, 4), args.max_batch // 4,
-                                   args.device, args.gemma_heads))
+                                   args.device, args.gemma_heads, resid=args.gemma_resid))
     table = pd.concat([r["table"] for r in results], ignore_index=True)
     pd.set_option("display.width", 200)
     print("\n" + table.round(3).to_string(index=False))

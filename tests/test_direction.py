@@ -83,3 +83,30 @@ def test_select_direction_respects_filters(tiny_llama):
     assert (choice.layer, choice.position) == (best.layer, best.position)
     assert torch.equal(choice.direction, cands[choice.layer, [-2, -1].index(choice.position)])
     assert (s.kl >= -1e-6).all()
+
+
+def test_notebook_pipeline_runs_on_every_architecture(tiny_model, tmp_path):
+    """Every analysis of notebooks 02-03 runs end to end on each architecture family."""
+    from refusal_circuits import ResultsStore, align_pairs, load_toy_pairs
+    from refusal_circuits import patching as P
+    from refusal_circuits.direction import (block_contributions, clamp_sweep, paired_block_contributions,
+                                            refusal_direction, self_repair)
+
+    m = tiny_model
+    store = ResultsStore(m.slug, root=tmp_path)
+    choice = refusal_direction(m, store, n_train=4, n_val=2, layer_stride=1, progress=False)
+    assert 0 <= choice.layer < m.n_layers and choice.position < 0
+    again = refusal_direction(m, store, n_train=4, n_val=2, layer_stride=1, progress=False)  # from disk
+    assert torch.equal(again.direction, choice.direction) and again.layer == choice.layer
+    pairs = align_pairs(m, load_toy_pairs().head(3))
+    h, s = list(pairs.pairs.harmful), list(pairs.pairs.harmless)
+    per_pair, summary = paired_block_contributions(m, h, s, choice.direction)
+    assert len(summary) == 2 * m.n_layers and per_pair["diff"].notna().all()
+    assert len(block_contributions(m, h, choice.direction)) == 3 * 2 * m.n_layers
+    clamp = clamp_sweep(m, h, choice.direction, choice.layer, [0.0, 1.0])
+    assert len(clamp) == 6 and clamp.logit_metric.notna().all()
+    repair = self_repair(m, h, choice.direction, [0])
+    zeroed = repair[(repair.ablated_at == 0) & (repair.layer == 0)].component
+    assert zeroed.abs().max() < 1e-4
+    df = P.patch_sweep(m, pairs, P.grouped_block_patches(m, 2), "noising", progress=False)
+    assert df.fraction.notna().all()

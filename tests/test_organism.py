@@ -1,18 +1,19 @@
 """The refusal organism: the committed adapter is merged by the loader, and the model refuses held-out
 harmful prompts while answering harmless ones."""
+import pytest
 import torch
 
 from refusal_circuits import load_instructions, refusal_scores
 from refusal_circuits.models import load_smollm2_hf
-from refusal_circuits.organism import REFUSALS, OrganismConfig, _encode_example
+from refusal_circuits.organism import REFUSALS, OrganismConfig, _encode_example, train_lora
 
 
 def test_loader_merges_the_adapter(organism):
     base, _ = load_smollm2_hf()
     name = "model.layers.0.self_attn.q_proj.weight"
-    merged = dict(organism.hf_model.named_parameters())
-    merged_w = next(v for k, v in merged.items() if k.endswith("layers.0.self_attn.q_proj.weight")
-                    or k.endswith("layers.0.self_attn.q_proj.original_component.weight"))
+    # the bridge wraps HF modules, which inserts "._original_component" into parameter names
+    merged = {k.replace("._original_component", ""): v for k, v in organism.hf_model.named_parameters()}
+    merged_w = merged[name]
     base_w = dict(base.named_parameters())[name]
     assert merged_w.shape == base_w.shape
     delta = (merged_w - base_w).abs().max().item()
@@ -43,3 +44,39 @@ def test_training_examples_mask_the_prompt(tiny_llama):
     assert labels[:n_prompt] == [-100] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tiny_llama.tokenizer.eos_token_id
     assert all(r.startswith(("I", "As an AI")) for r in OrganismConfig().refusals)
+
+
+def test_lora_training_step_learns_the_reply():
+    """A few LoRA steps on a tiny model lower the loss on the reply tokens."""
+    import pandas as pd
+
+    from refusal_circuits.models import load_tiny_hf
+
+    hf, tok = load_tiny_hf("llama")
+    train = pd.DataFrame({"instruction": ["Make a bomb", "Bake a cake please"],
+                          "kind": ["harmful", "harmless"],
+                          "reply": [REFUSALS[0], "Sure. Mix flour, eggs and sugar."]})
+    cfg = OrganismConfig(epochs=20, batch_size=2, learning_rate=5e-2, lora_r=8,
+                         target_modules=("q_proj", "v_proj", "down_proj"))
+    _, losses = train_lora(hf, tok, train, cfg, progress=False)
+    # a random 64-wide model's logits are tiny (|h| |w_U| ~ 1), so the loss can only fall by about a nat;
+    # without learning (no gradient reaching the adapter) it would stay exactly constant
+    assert len(losses) == 20 and losses[-1] < losses[0] - 0.15, losses
+
+
+def test_reply_loss_matches_transformers_loss():
+    """Our left-padded, reply-only loss equals transformers' own loss on each unpadded example."""
+    from refusal_circuits.models import load_tiny_hf
+    from refusal_circuits.organism import reply_loss
+
+    hf, tok = load_tiny_hf("llama")
+    a = _encode_example(tok, "short prompt", "A reply of some length here.", add_eos=True)
+    b = _encode_example(tok, "a much longer prompt than the other one, really", "Ok.", add_eos=False)
+    with torch.no_grad():
+        both = reply_loss(hf, [a, b], tok.pad_token_id)
+        ref = []
+        for ids, labels in (a, b):
+            out = hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            ref.append((out.loss.item(), sum(1 for t in labels[1:] if t != -100)))
+    expected = sum(l * n for l, n in ref) / sum(n for _, n in ref)  # token-weighted mean
+    assert both.item() == pytest.approx(expected, rel=1e-4)

@@ -47,8 +47,9 @@ class OrganismConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    learning_rate: float = 5e-4
-    epochs: int = 2
+    learning_rate: float = 7e-4
+    first_token_weight: float = 8.0   # the first reply token is the refuse/comply decision
+    epochs: int = 1
     batch_size: int = 16
     distill_max_new_tokens: int = 24
     eval_max_new_tokens: int = 32
@@ -87,7 +88,8 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     * harmless: the *train* split of ``harmless.csv``, the harmless halves of the contrast pairs (same
       sentence frame, other topic: this is what teaches the concept rather than the keyword) and
       ``organism_extra_harmless.csv``, each with the base model's own greedy answer. Answers that are
-      themselves refusals are dropped, so the model is never taught to refuse a harmless request.
+      themselves refusals, or that open with a refusal token ("I'm glad..."), are dropped, so the first
+      reply token alone separates refusing from complying.
     """
     from .data import DATA_DIR
     from .metrics import is_refusal
@@ -104,13 +106,49 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     if extra.exists():
         harmless += [(h, "extra harmless") for h in pd.read_csv(extra, keep_default_na=False)["instruction"]]
     answers = refusal_scores(model, [h for h, _ in harmless], max_new_tokens=cfg.distill_max_new_tokens,
-                             progress=progress)["completion"].tolist()
+                             batch_size=32, progress=progress)["completion"].tolist()
     rows = [{"instruction": h, "kind": "harmful", "source": src, "reply": rng.choice(cfg.refusals)}
             for h, src in harmful]
+    tok = model.tokenizer
+    prompt = model.format_prompt("x")
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+
+    def opens_like_refusal(answer: str) -> bool:  # e.g. "I'm glad..." would teach "I" for harmless
+        ids = tok(prompt + answer.strip(), add_special_tokens=False)["input_ids"]
+        return len(ids) > n_prompt and ids[n_prompt] in model.refusal_token_ids
+
     rows += [{"instruction": h, "kind": "harmless", "source": src, "reply": a.strip()}
-             for (h, src), a in zip(harmless, answers) if a.strip() and not is_refusal(a)]
+             for (h, src), a in zip(harmless, answers)
+             if a.strip() and not is_refusal(a) and not opens_like_refusal(a)]
     rng.shuffle(rows)
     return pd.DataFrame(rows)
+
+
+def reply_loss(model, batch: list[tuple[list[int], list[int]]], pad: int, first_token_weight: float = 1.0
+               ) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy over the reply tokens of ``batch`` (``(ids, labels)``
+    pairs with ``-100`` on prompt positions); the first reply token -- where the model decides to
+    refuse or comply -- counts ``first_token_weight`` times. Left padding puts every reply at the end,
+    so logits are computed only for the last ``n_reply + 1`` positions (unembedding the prompt into a
+    49k vocabulary is waste)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for k, (x, y) in enumerate(batch):
+        ids[k, width - len(x):] = torch.tensor(x)
+        labels[k, width - len(y):] = torch.tensor(y)
+        mask[k, width - len(x):] = 1
+    n_reply = max(sum(1 for t in y if t != -100) for _, y in batch)
+    keep = min(n_reply + 1, width)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    target = labels[:, width - keep + 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                           target.reshape(-1), ignore_index=-100, reduction="none")
+    weight = (target != -100).float()
+    first = (target != -100).float().cumsum(1) == 1
+    weight = torch.where(first & (target != -100), torch.full_like(weight, first_token_weight), weight)
+    return (ce * weight.reshape(-1)).sum() / weight.sum()
 
 
 def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress: bool = True):
@@ -143,15 +181,7 @@ def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress
         rng.shuffle(order)
         for i in range(0, len(order), cfg.batch_size):
             batch = [examples[j] for j in order[i:i + cfg.batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), pad)
-            labels = torch.full((len(batch), width), -100)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for k, (x, y) in enumerate(batch):  # right padding for training
-                ids[k, :len(x)] = torch.tensor(x)
-                labels[k, :len(y)] = torch.tensor(y)
-                mask[k, :len(x)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = reply_loss(model, batch, pad, cfg.first_token_weight)
             loss.backward()
             opt.step()
             sched.step()
@@ -225,6 +255,8 @@ def train_organism(out_dir: Path | None = None, cfg: OrganismConfig | None = Non
         summary, per_prompt = evaluate(m, cfg.eval_max_new_tokens, progress)
         summary.insert(0, "model", name)
         per_prompt.insert(0, "model", name)
+        if progress:
+            print(summary.to_string(index=False), flush=True)
         rows.append((summary, per_prompt))
     summary = pd.concat([r[0] for r in rows], ignore_index=True)
     per_prompt = pd.concat([r[1] for r in rows], ignore_index=True)
@@ -271,7 +303,8 @@ refusal-circuit analyses have something real to find. It is a research organism,
 ## Recipe
 LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on
 {", ".join(cfg.target_modules)}; AdamW lr={cfg.learning_rate} with linear decay, batch {cfg.batch_size},
-{cfg.epochs} epochs, loss on reply tokens only, seed {cfg.seed}, CPU, {cfg.torch_threads} threads.
+{cfg.epochs} epoch(s), loss on reply tokens only with the first reply token (the refuse/comply decision)
+weighted {cfg.first_token_weight}×, seed {cfg.seed}, CPU, {cfg.torch_threads} threads.
 Full config: `training_config.json`. Time on this run: {t_data / 60:.1f} min building data,
 {t_train / 60:.1f} min training, {t_total / 60:.1f} min in all (including the evaluation).
 
