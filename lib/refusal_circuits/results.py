@@ -59,16 +59,25 @@ class ResultsStore:
     variable ``REFUSAL_RESULTS_DIR`` to move the whole store. ``enabled=False`` recomputes everything
     (and still saves)."""
 
-    def __init__(self, model_slug: str, root: Path | None = None, enabled: bool = True):
+    def __init__(self, model_slug: str, root: Path | None = None, enabled: bool = True, fingerprint: str = ""):
         self.root = Path(root) if root is not None else RESULTS_DIR / model_slug
         self.model = model_slug
         self.enabled = enabled
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "ResultsStore":
+        """The store of a loaded :class:`~refusal_circuits.models.ChatModel`; its weights' fingerprint
+        (e.g. the adapter's hash) is part of every key, so retraining the organism invalidates old results."""
+        return cls(model.slug, fingerprint=model.meta.get("fingerprint", ""), **kwargs)
 
     def path(self, name: str, params: dict, suffix: str = ".parquet") -> Path:
-        return self.root / f"{name}-{params_key(params)}{suffix}"
+        key = params_key({**params, "_weights": self.fingerprint} if self.fingerprint else params)
+        return self.root / f"{name}-{key}{suffix}"
 
     def _manifest(self, name: str, params: dict, **extra) -> None:
-        info = {"name": name, "model": self.model, "params": params, "versions": _versions(),
+        info = {"name": name, "model": self.model, "weights": self.fingerprint, "params": params,
+                "versions": _versions(),
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
         text = json.dumps(info, indent=2, default=str)
         _atomic_write(self.path(name, params, ".json"), lambda p: Path(p).write_text(text))
