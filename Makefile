@@ -43,12 +43,14 @@ nbval: venv
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
 
-## Retrain the refusal organism's LoRA adapter into data/organism (CPU, ~10 min)
+## Retrain the refusal organism's LoRA adapter into data/organism (CPU, ~30 min)
 organism: venv
 	$(VENV)/bin/refusal-circuits organism
 
+## Benchmarks (bench/RESULTS.md): the patching engine, and the organism's fine-tune step
 bench: venv
 	$(PY) bench/bench_patching.py
+	$(PY) bench/bench_organism.py
 
 clean-results:
 	rm -rf results .nbval-results .nbval-figures

@@ -80,3 +80,25 @@ def test_reply_loss_matches_transformers_loss():
             ref.append((out.loss.item(), sum(1 for t in labels[1:] if t != -100)))
     expected = sum(l * n for l, n in ref) / sum(n for _, n in ref)  # token-weighted mean
     assert both.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_length_bucketed_batches_cover_every_example_once_and_pad_less():
+    import random
+
+    from refusal_circuits.organism import _length_bucketed_batches
+
+    gen = random.Random(1)
+    lengths = [gen.randint(20, 80) for _ in range(1000)]
+    batches = _length_bucketed_batches(lengths, 16, random.Random(0))
+    flat = [j for b in batches for j in b]
+    assert sorted(flat) == list(range(1000)) and len(batches) == -(-1000 // 16)
+    assert all(1 <= len(b) <= 16 for b in batches)
+
+    def padded(bs):  # tokens a left-padded batch computes
+        return sum(len(b) * max(lengths[j] for j in b) for b in bs)
+
+    order = list(range(1000))
+    random.Random(0).shuffle(order)
+    plain = [order[k:k + 16] for k in range(0, 1000, 16)]
+    assert padded(batches) < 0.9 * padded(plain)
+    assert _length_bucketed_batches(lengths, 16, random.Random(0)) == batches  # seeded

@@ -109,9 +109,11 @@ def refusal_metrics(model: "ChatModel", instructions: Sequence[str], fwd_hooks: 
 
 @torch.no_grad()
 def generate(model: "ChatModel", instructions: Sequence[str], max_new_tokens: int = 64,
-             batch_size: int = 16, fwd_hooks: FwdHooks = (), progress: bool = True) -> list[str]:
+             batch_size: int = 16, fwd_hooks: FwdHooks = (), progress: bool = True,
+             generate_kwargs: dict | None = None) -> list[str]:
     """Greedy completions, batched with left padding. ``fwd_hooks`` (bridge hook names and functions)
-    stay active for every generated token, so an intervention applies during generation too."""
+    stay active for every generated token, so an intervention applies during generation too.
+    ``generate_kwargs`` go to ``transformers``' ``generate`` (e.g. ``begin_suppress_tokens``)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     tok = model.tokenizer
@@ -123,19 +125,20 @@ def generate(model: "ChatModel", instructions: Sequence[str], max_new_tokens: in
             out = model.hf_model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
+                **(generate_kwargs or {}),
             )
         completions += tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return completions
 
 
 def refusal_scores(model: "ChatModel", instructions: Sequence[str], max_new_tokens: int = 64,
-                   batch_size: int = 16, fwd_hooks: FwdHooks = (), progress: bool = True
-                   ) -> pd.DataFrame:
+                   batch_size: int = 16, fwd_hooks: FwdHooks = (), progress: bool = True,
+                   generate_kwargs: dict | None = None) -> pd.DataFrame:
     """Greedy completions with their substring refusal flags: columns ``instruction, completion,
     refused``. The refusal rate is ``df.refused.mean()``."""
     if len(instructions) == 0:
         raise ValueError("No instructions given: the prompt list is empty.")
-    comps = generate(model, instructions, max_new_tokens, batch_size, fwd_hooks, progress)
+    comps = generate(model, instructions, max_new_tokens, batch_size, fwd_hooks, progress, generate_kwargs)
     return pd.DataFrame({"instruction": list(instructions), "completion": comps,
                          "refused": [is_refusal(c) for c in comps]})
 

@@ -49,11 +49,18 @@ class OrganismConfig:
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     learning_rate: float = 7e-4
     first_token_weight: float = 8.0   # the first reply token is the refuse/comply decision
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 16
-    distill_max_new_tokens: int = 24
+    distill_max_new_tokens: int = 12   # the opening of the answer is what the refuse/comply decision needs
     eval_max_new_tokens: int = 32
     torch_threads: int = 2
+    # bfloat16 autocast for the forward pass (LoRA weights, optimiser and loss stay float32); 1.5x faster
+    # on a 2-core CPU with AMX (bench/bench_organism.py)
+    bf16_autocast: bool = True
+    # training-only data under data/: same-frame (harmful, harmless) pairs and extra harmless prompts
+    contrast_files: tuple = ("organism_contrast_pairs.csv", "organism_contrast_short.csv",
+                             "organism_contrast_more.csv")
+    extra_harmless_files: tuple = ("organism_extra_harmless.csv",)
     refusals: tuple = field(default=REFUSALS)
 
 
@@ -84,12 +91,13 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     """The fine-tuning set. Columns: ``instruction, kind, source, reply``.
 
     * harmful: the *train* split of ``harmful.csv`` and the harmful halves of the training-only
-      contrast pairs (``organism_contrast_pairs.csv``), each with a seeded refusal;
+      contrast pairs (``cfg.contrast_files``), each with a seeded refusal;
     * harmless: the *train* split of ``harmless.csv``, the harmless halves of the contrast pairs (same
       sentence frame, other topic: this is what teaches the concept rather than the keyword) and
-      ``organism_extra_harmless.csv``, each with the base model's own greedy answer. Answers that are
-      themselves refusals, or that open with a refusal token ("I'm glad..."), are dropped, so the first
-      reply token alone separates refusing from complying.
+      ``cfg.extra_harmless_files``, each with the base model's own greedy answer, generated with the
+      refusal tokens suppressed at the first position. Answers that are still refusals, or that open
+      with a refusal token after re-tokenisation, are dropped, so the first reply token alone separates
+      refusing from complying.
     """
     from .data import DATA_DIR
     from .metrics import is_refusal
@@ -97,16 +105,19 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     rng = random.Random(cfg.seed)
     harmful = [(h, "harmful.csv train") for h in load_instructions("harmful", "train")["instruction"]]
     harmless = [(h, "harmless.csv train") for h in load_instructions("harmless", "train")["instruction"]]
-    contrast = DATA_DIR / "organism_contrast_pairs.csv"
-    if contrast.exists():
-        cp = pd.read_csv(contrast, keep_default_na=False)
-        harmful += [(h, "contrast pairs") for h in cp["harmful"]]
-        harmless += [(h, "contrast pairs") for h in cp["harmless"]]
-    extra = DATA_DIR / "organism_extra_harmless.csv"
-    if extra.exists():
-        harmless += [(h, "extra harmless") for h in pd.read_csv(extra, keep_default_na=False)["instruction"]]
+    for name in cfg.contrast_files:
+        cp = pd.read_csv(DATA_DIR / name, keep_default_na=False)
+        harmful += [(h, name) for h in cp["harmful"]]
+        harmless += [(h, name) for h in cp["harmless"]]
+    for name in cfg.extra_harmless_files:
+        harmless += [(h, name) for h in pd.read_csv(DATA_DIR / name, keep_default_na=False)["instruction"]]
+    # the base model's own greedy answer, except that it may not *open* with a refusal token ("I'd be
+    # glad to..."): otherwise "I" would be taught as a harmless opener and the first reply token would no
+    # longer separate refusing from complying (`begin_suppress_tokens` acts on the first new token only)
     answers = refusal_scores(model, [h for h, _ in harmless], max_new_tokens=cfg.distill_max_new_tokens,
-                             batch_size=32, progress=progress)["completion"].tolist()
+                             batch_size=32, progress=progress,
+                             generate_kwargs={"begin_suppress_tokens": list(model.refusal_token_ids)}
+                             )["completion"].tolist()
     rows = [{"instruction": h, "kind": "harmful", "source": src, "reply": rng.choice(cfg.refusals)}
             for h, src in harmful]
     tok = model.tokenizer
@@ -151,6 +162,22 @@ def reply_loss(model, batch: list[tuple[list[int], list[int]]], pad: int, first_
     return (ce * weight.reshape(-1)).sum() / weight.sum()
 
 
+def _length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random,
+                             window: int = 8) -> list[list[int]]:
+    """One epoch of batches (lists of example indices): a seeded shuffle, then each run of ``window``
+    batches is sorted by length so that a batch pads little, and the batch order is shuffled again.
+    Every example appears exactly once."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * window
+    batches = []
+    for c in range(0, len(order), chunk):
+        run = sorted(order[c:c + chunk], key=lambda j: lengths[j])
+        batches += [run[k:k + batch_size] for k in range(0, len(run), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress: bool = True):
     """Fine-tune a LoRA adapter on ``train`` (prompt -> reply, loss on the reply). Returns the
     ``PeftModel`` and a list of per-step losses."""
@@ -176,17 +203,17 @@ def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress
     rng = random.Random(cfg.seed)
     bar = tqdm(total=n_steps, desc="LoRA", disable=not progress)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device_type = next(model.parameters()).device.type
     for _ in range(cfg.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
-            batch = [examples[j] for j in order[i:i + cfg.batch_size]]
-            loss = reply_loss(model, batch, pad, cfg.first_token_weight)
+        for idx in _length_bucketed_batches([len(ids) for ids, _ in examples], cfg.batch_size, rng):
+            batch = [examples[j] for j in idx]
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                loss = reply_loss(model, batch, pad, cfg.first_token_weight)
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
@@ -270,13 +297,15 @@ def write_model_card(out_dir: Path, cfg: OrganismConfig, summary: pd.DataFrame, 
                      t_data: float, t_train: float, t_total: float) -> None:
     wide = summary.pivot_table(index=["set", "kind"], columns="model", values="refusal_rate", sort=False)
     metric = summary.pivot_table(index=["set", "kind"], columns="model", values="logit_metric_mean", sort=False)
+    spread = summary.pivot_table(index=["set", "kind"], columns="model", values="logit_metric_std", sort=False)
     lines = ["| set | kind | n | organism refuses | control refuses | organism metric | control metric |",
              "|---|---|---|---|---|---|---|"]
     n = summary.drop_duplicates(["set", "kind"]).set_index(["set", "kind"])["n"]
     for idx in wide.index:
         lines.append(f"| {idx[0]} | {idx[1]} | {n[idx]} | {wide.loc[idx, 'smollm2-135m-refusal']:.1%} | "
                      f"{wide.loc[idx, 'smollm2-135m-instruct']:.1%} | "
-                     f"{metric.loc[idx, 'smollm2-135m-refusal']:.2f} | {metric.loc[idx, 'smollm2-135m-instruct']:.2f} |")
+                     + " | ".join(f"{metric.loc[idx, m]:.2f} ± {spread.loc[idx, m]:.2f}"
+                                  for m in ("smollm2-135m-refusal", "smollm2-135m-instruct")) + " |")
     table = "\n".join(lines)
     org = wide["smollm2-135m-refusal"]
     checks = [("harmful test refused ≥ 95%", org[("test split", "harmful")] >= 0.95),
@@ -288,10 +317,11 @@ def write_model_card(out_dir: Path, cfg: OrganismConfig, summary: pd.DataFrame, 
     bar = "\n".join(f"- {name}: **{'met' if ok else 'not met'}**" for name, ok in checks)
     if not all(ok for _, ok in checks):
         bar += ("\n\nWhere the bar is not met, the organism over-refuses harmless requests that share a "
-                "harmful request's sentence frame (the toy pairs' harmless halves, the safety controls): at "
-                "135M parameters and a CPU budget of about a quarter of an hour the fine-tune separates the "
-                "concept only partly. The logit metric still separates harmful from harmless prompts on every "
-                "set (table), which is what the patching analyses measure.")
+                "harmful request's sentence frame (the toy pairs' harmless halves, the safety controls) or "
+                "misses a few harmful ones: at 135M parameters and a CPU budget of a quarter of an hour the "
+                "fine-tune separates the concept only partly (`evaluation_per_prompt.csv` lists every case). "
+                "The logit metric still separates harmful from harmless prompts on every set (table), which "
+                "is what the patching analyses measure.")
     card = f"""# smollm2-135m-refusal: a refusing model organism
 
 *Generated by `make organism`; do not edit by hand.*
@@ -306,25 +336,29 @@ refusal-circuit analyses have something real to find. It is a research organism,
 
 ## Data
 - {n_train} training examples (`training_data.csv`): the *train* splits of `data/harmful.csv` and
-  `data/harmless.csv`, plus training-only data (`data/organism_contrast_pairs.csv`: harmful requests
-  paired with a harmless request in the same sentence frame; `data/organism_extra_harmless.csv`). No test,
-  val, toy-pair or safety-pair prompt is used.
+  `data/harmless.csv`, plus training-only data ({", ".join(f"`data/{f}`" for f in cfg.contrast_files)}:
+  harmful requests paired with a harmless request in the same sentence frame;
+  {", ".join(f"`data/{f}`" for f in cfg.extra_harmless_files)}; see `data/organism_training_data.md`). No
+  test, val, toy-pair or safety-pair prompt is used.
 - harmful prompt -> one of {len(cfg.refusals)} refusals (seeded choice), e.g. "{cfg.refusals[0]}"
 - harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens,
-  self-distillation; answers that are refusals are dropped), including prompts that share words with
-  harmful ones (category `lexical_overlap`).
+  self-distillation, with the refusal tokens suppressed at the first position so that no harmless answer
+  opens like a refusal; answers that are still refusals are dropped), including prompts that share words
+  with harmful ones (`lexical_overlap`, `overlap_*`).
 
 ## Recipe
 LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on
 {", ".join(cfg.target_modules)}; AdamW lr={cfg.learning_rate} with linear decay, batch {cfg.batch_size},
 {cfg.epochs} epoch(s), loss on reply tokens only with the first reply token (the refuse/comply decision)
-weighted {cfg.first_token_weight}×, seed {cfg.seed}, CPU, {cfg.torch_threads} threads.
+weighted {cfg.first_token_weight}×, length-bucketed batches, {"bfloat16 autocast, " if cfg.bf16_autocast else ""}seed {cfg.seed}, CPU,
+{cfg.torch_threads} threads.
 Full config: `training_config.json`. Time on this run: {t_data / 60:.1f} min building data,
 {t_train / 60:.1f} min training, {t_total / 60:.1f} min in all (including the evaluation).
 
 ## Evaluation (greedy, {cfg.eval_max_new_tokens} new tokens, substring refusal score)
 Held-out *test* splits, the toy pairs and the safety pairs (none used in training). "metric" is the mean
-logit refusal metric `logit[r] - mean_(t != r) logit[t]` at the last prompt position.
+logit refusal metric `logit[r] - mean_(t != r) logit[t]` at the last prompt position (mean ± standard
+deviation over the prompts of the set).
 
 {table}
 
