@@ -318,7 +318,7 @@ def write_model_card(out_dir: Path, cfg: OrganismConfig, summary: pd.DataFrame, 
     if not all(ok for _, ok in checks):
         bar += ("\n\nWhere the bar is not met, the organism over-refuses harmless requests that share a "
                 "harmful request's sentence frame (the toy pairs' harmless halves, the safety controls) or "
-                "misses a few harmful ones: at 135M parameters and a CPU budget of a quarter of an hour the "
+                f"misses a few harmful ones: at 135M parameters and {t_train / 60:.0f} minutes of CPU training the "
                 "fine-tune separates the concept only partly (`evaluation_per_prompt.csv` lists every case). "
                 "The logit metric still separates harmful from harmless prompts on every set (table), which "
                 "is what the patching analyses measure.")
