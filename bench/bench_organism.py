@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from refusal_circuits.models import format_chat, load_smollm2_hf  # noqa: E402
-from refusal_circuits.organism import OrganismConfig, _encode_example, reply_loss  # noqa: E402
+from refusal_circuits.models import load_smollm2_hf  # noqa: E402
+from refusal_circuits.organism import OrganismConfig, attach_lora, encode_training_set, reply_loss  # noqa: E402
 
 
 def main() -> None:
@@ -33,16 +33,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from peft import LoraConfig, get_peft_model
-
     cfg = OrganismConfig()
     hf, tok = load_smollm2_hf()
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(hf, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+    model = attach_lora(hf, cfg)
     train = pd.read_csv(ROOT / "data" / "organism" / "training_data.csv", keep_default_na=False)
-    train = train.sample(n=args.batch_size * (args.steps + 1), random_state=0)
-    ex = [_encode_example(tok, format_chat(tok, i), r, True) for i, r in zip(train.instruction, train.reply)]
+    ex = encode_training_set(tok, train.sample(n=args.batch_size * (args.steps + 1), random_state=0))
     batches = [ex[k:k + args.batch_size] for k in range(0, len(ex), args.batch_size)]
     pad = tok.pad_token_id
 

@@ -178,23 +178,36 @@ def _length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ra
     return batches
 
 
-def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress: bool = True):
-    """Fine-tune a LoRA adapter on ``train`` (prompt -> reply, loss on the reply). Returns the
-    ``PeftModel`` and a list of per-step losses."""
+def attach_lora(hf_model, cfg: OrganismConfig):
+    """``hf_model`` wrapped with the organism's fresh LoRA adapter (seeded initialisation)."""
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
-
-    from .models import format_chat
 
     torch.manual_seed(cfg.seed)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(hf_model, lcfg)
+    return get_peft_model(hf_model, lcfg)
+
+
+def encode_training_set(tok, train: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
+    """``(ids, labels)`` per row of ``train`` (chat-templated prompt, reply; labels ``-100`` on the
+    prompt). Refusals and complete answers end with EOS; a truncated self-distilled answer gets none,
+    so the model is not taught to stop mid-way."""
+    from .models import format_chat
+
     examples = []
     for _, row in train.iterrows():
-        # a truncated self-distilled answer gets no EOS, so the model is not taught to stop mid-way
         complete = row["kind"] == "harmful" or row["reply"].endswith((".", "!", "?"))
         examples.append(_encode_example(tok, format_chat(tok, row["instruction"]), row["reply"], complete))
+    return examples
+
+
+def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress: bool = True):
+    """Fine-tune a LoRA adapter on ``train`` (prompt -> reply, loss on the reply). Returns the
+    ``PeftModel`` and a list of per-step losses."""
+    from tqdm.auto import tqdm
+
+    model = attach_lora(hf_model, cfg)
+    examples = encode_training_set(tok, train)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     n_steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(n_steps, 1))
