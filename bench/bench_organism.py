@@ -1,12 +1,14 @@
-"""Organism fine-tune benchmark: one LoRA training step in float32 vs bfloat16 autocast, side by side.
+"""Organism fine-tune benchmark: one LoRA training step in four settings, side by side: float32 (SDPA
+attention), bfloat16 autocast, bf16 with the shared prompt prefix run once per batch, and that with eager
+attention (the organism's recipe).
 
     python bench/bench_organism.py [--steps 4] [--batch-size 16]
 
 Both settings train the same LoRA (the organism's config) from the same seed on the same batches of the
 committed training set (``data/organism/training_data.csv``), in one process, alternating
-float32 / bf16 so that machine noise hits both alike. Printed: seconds per step for each, their ratio,
-and the relative difference of the first-step loss (what autocast changes numerically). The last
-lines are machine-readable ``key=value`` figures.
+the settings step by step so that machine noise hits all alike. Printed: seconds per step for each, the
+ratios, and the relative difference of the first-step loss (what autocast, and the prefix sharing, change
+numerically). The last lines are machine-readable ``key=value`` figures.
 """
 
 from __future__ import annotations
@@ -41,26 +43,33 @@ def main() -> None:
     batches = [ex[k:k + args.batch_size] for k in range(0, len(ex), args.batch_size)]
     pad = tok.pad_token_id
 
-    def step(batch, bf16: bool) -> float:
+    settings = {"float32": (False, False, "sdpa"), "bf16": (True, False, "sdpa"),
+                "bf16+prefix": (True, True, "sdpa"), "bf16+prefix+eager": (True, True, "eager")}
+
+    def step(batch, bf16: bool, share_prefix: bool, attn: str) -> float:
+        model.set_attn_implementation(attn)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = reply_loss(model, batch, pad, cfg.first_token_weight)
+            loss = reply_loss(model, batch, pad, cfg.first_token_weight, share_prefix=share_prefix)
         loss.backward()
         model.zero_grad()
         return loss.item()
 
-    loss0 = {bf16: step(batches[0], bf16) for bf16 in (False, True)}  # also the warm-up
-    times = {False: [], True: []}
+    loss0 = {k: step(batches[0], *v) for k, v in settings.items()}  # also the warm-up
+    times = {k: [] for k in settings}
     for batch in batches[1:]:
-        for bf16 in (False, True):
+        for k, v in settings.items():
             t = time.perf_counter()
-            step(batch, bf16)
-            times[bf16].append(time.perf_counter() - t)
-    fp32, bf16 = (sum(times[k]) / len(times[k]) for k in (False, True))
+            step(batch, *v)
+            times[k].append(time.perf_counter() - t)
+    sec = {k: sum(t) / len(t) for k, t in times.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, {args.steps} steps each")
-    print(f"float32: {fp32:.2f} s/step   bf16 autocast: {bf16:.2f} s/step")
-    print(f"speedup={fp32 / bf16:.2f}")
-    print(f"loss_rel_diff={abs(loss0[True] - loss0[False]) / loss0[False]:.4f}")
-
+    print("   ".join(f"{k}: {v:.2f} s/step" for k, v in sec.items()))
+    print(f"speedup_bf16={sec['float32'] / sec['bf16']:.2f}")
+    print(f"speedup_prefix={sec['bf16'] / sec['bf16+prefix']:.2f}")
+    print(f"speedup_eager={sec['bf16+prefix'] / sec['bf16+prefix+eager']:.2f}")
+    print(f"speedup_total={sec['float32'] / sec['bf16+prefix+eager']:.2f}")
+    for k in ("bf16", "bf16+prefix", "bf16+prefix+eager"):
+        print(f"loss_rel_diff_{k}={abs(loss0[k] - loss0['float32']) / loss0['float32']:.4f}")
 
 if __name__ == "__main__":
     main()

@@ -82,6 +82,48 @@ def test_reply_loss_matches_transformers_loss():
     assert both.item() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(family):
+    """Running the shared chat-template prefix once and repeating its cache over the batch changes
+    neither the loss nor the LoRA gradients (eager and SDPA attention alike)."""
+    from refusal_circuits.models import format_chat, load_tiny_hf
+    from refusal_circuits.organism import OrganismConfig, attach_lora, reply_loss, shared_prefix_length
+
+    hf, tok = load_tiny_hf(family)
+    model = attach_lora(hf, OrganismConfig())
+    for p in model.parameters():  # LoRA's B starts at zero: make the adapter act, so gradients reach A
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = [_encode_example(tok, format_chat(tok, q), r, eos) for q, r, eos in [
+        ("short prompt", "A reply of some length here.", True),
+        ("a much longer prompt than the other one, really", "Ok.", False),
+        ("third", "Sure thing, here it is", True)]]
+    n = shared_prefix_length(batch)
+    plain_prompt = format_chat(tok, "short prompt")
+    assert 0 < n < len(tok(plain_prompt, add_special_tokens=False)["input_ids"])
+    for attn in ("eager", "sdpa"):
+        model.set_attn_implementation(attn)
+        results = []
+        for share in (False, True):
+            model.zero_grad()
+            loss = reply_loss(model, batch, tok.pad_token_id, 8.0, share_prefix=share)
+            loss.backward()
+            grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+            results.append((loss.item(), grad))
+        (l0, g0), (l1, g1) = results
+        assert l1 == pytest.approx(l0, rel=1e-5)
+        assert torch.allclose(g1, g0, atol=1e-6 * g0.abs().max().item() + 1e-9), (g1 - g0).abs().max()
+
+
+def test_shared_prefix_length_stops_inside_the_prompt():
+    from refusal_circuits.organism import shared_prefix_length
+
+    same = ([5, 6, 7, 8, 9], [-100, -100, -100, 8, 9])
+    assert shared_prefix_length([same, same]) == 2  # the last prompt token is never in the prefix
+    assert shared_prefix_length([same, ([5, 6, 1, 8], [-100] * 3 + [8])]) == 2
+    assert shared_prefix_length([same, ([4, 6, 7, 8], [-100] * 3 + [8])]) == 0
+
+
 def test_length_bucketed_batches_cover_every_example_once_and_pad_less():
     import random
 

@@ -57,6 +57,12 @@ class OrganismConfig:
     # bfloat16 autocast for the forward pass (LoRA weights, optimiser and loss stay float32); 1.5x faster
     # on a 2-core CPU with AMX (bench/bench_organism.py)
     bf16_autocast: bool = True
+    # the attention kernel while training: on short sequences on CPU, eager attention's backward is
+    # faster than SDPA's flash kernel (1.2x per step, bench/bench_organism.py); the maths is the same
+    attn_implementation: str = "eager"
+    # run the prompt prefix every example shares (the chat template's system turn) once per batch
+    # (`reply_loss`); same loss and gradients, fewer tokens through the model
+    share_prefix: bool = True
     # training-only data under data/: same-frame (harmful, harmless) pairs and extra harmless prompts
     contrast_files: tuple = ("organism_contrast_pairs.csv", "organism_contrast_short.csv",
                              "organism_contrast_more.csv")
@@ -135,13 +141,43 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     return pd.DataFrame(rows)
 
 
-def reply_loss(model, batch: list[tuple[list[int], list[int]]], pad: int, first_token_weight: float = 1.0
-               ) -> torch.Tensor:
+def shared_prefix_length(batch: list[tuple[list[int], list[int]]]) -> int:
+    """Length of the token prefix every example of ``batch`` shares *inside its prompt* (the chat
+    template's system turn and user header, typically), leaving at least the last prompt token out so
+    that the first reply token's logit is computed after the prefix."""
+    n = min(sum(1 for t in y if t == -100) for _, y in batch) - 1
+    first = batch[0][0]
+    for ids, _ in batch[1:]:
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def reply_loss(model, batch: list[tuple[list[int], list[int]]], pad: int, first_token_weight: float = 1.0,
+               share_prefix: bool = True) -> torch.Tensor:
     """Weighted mean next-token cross-entropy over the reply tokens of ``batch`` (``(ids, labels)``
     pairs with ``-100`` on prompt positions); the first reply token -- where the model decides to
-    refuse or comply -- counts ``first_token_weight`` times. Left padding puts every reply at the end,
-    so logits are computed only for the last ``n_reply + 1`` positions (unembedding the prompt into a
-    49k vocabulary is waste)."""
+    refuse or comply -- counts ``first_token_weight`` times.
+
+    Two savings, neither of which changes the loss or its gradient:
+
+    * with ``share_prefix``, the prompt prefix all examples share (:func:`shared_prefix_length`; with a
+      chat template that is the system turn, about half of each example) runs *once* with batch size 1
+      and its key/value cache is repeated over the batch (``DynamicCache.batch_repeat_interleave``;
+      gradients flow back through the repeat). The rest is laid out ``[prefix | pads | rest]`` with
+      explicit position ids, so each example sees exactly its own unpadded sequence;
+    * left padding puts every reply at the end, so logits are computed only for the last
+      ``n_reply + 1`` positions (unembedding the prompt into a 49k vocabulary is waste).
+    """
+    n_prefix = shared_prefix_length(batch) if share_prefix else 0
+    cache = None
+    if n_prefix:
+        cache = model(input_ids=torch.tensor([batch[0][0][:n_prefix]]), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        batch = [(x[n_prefix:], y[n_prefix:]) for x, y in batch]
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad)
     labels = torch.full((len(batch), width), -100)
@@ -152,7 +188,14 @@ def reply_loss(model, batch: list[tuple[list[int], list[int]]], pad: int, first_
         mask[k, width - len(x):] = 1
     n_reply = max(sum(1 for t in y if t != -100) for _, y in batch)
     keep = min(n_reply + 1, width)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    kwargs = {}
+    if cache is not None:  # positions continue the prefix; pads (masked out) get the next position
+        kwargs = dict(past_key_values=cache, use_cache=True,
+                      position_ids=n_prefix + (mask.cumsum(1) - 1).clamp(min=0),
+                      attention_mask=torch.cat([torch.ones((len(batch), n_prefix), dtype=torch.long), mask], 1))
+    else:
+        kwargs = dict(attention_mask=mask)
+    logits = model(input_ids=ids, logits_to_keep=keep, **kwargs).logits
     target = labels[:, width - keep + 1:]
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                            target.reshape(-1), ignore_index=-100, reduction="none")
@@ -206,6 +249,7 @@ def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress
     ``PeftModel`` and a list of per-step losses."""
     from tqdm.auto import tqdm
 
+    hf_model.set_attn_implementation(cfg.attn_implementation)
     model = attach_lora(hf_model, cfg)
     examples = encode_training_set(tok, train)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
@@ -221,7 +265,7 @@ def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress
         for idx in _length_bucketed_batches([len(ids) for ids, _ in examples], cfg.batch_size, rng):
             batch = [examples[j] for j in idx]
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-                loss = reply_loss(model, batch, pad, cfg.first_token_weight)
+                loss = reply_loss(model, batch, pad, cfg.first_token_weight, cfg.share_prefix)
             loss.backward()
             opt.step()
             sched.step()
@@ -363,7 +407,7 @@ refusal-circuit analyses have something real to find. It is a research organism,
 LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on
 {", ".join(cfg.target_modules)}; AdamW lr={cfg.learning_rate} with linear decay, batch {cfg.batch_size},
 {cfg.epochs} epoch(s), loss on reply tokens only with the first reply token (the refuse/comply decision)
-weighted {cfg.first_token_weight}×, length-bucketed batches, {"bfloat16 autocast, " if cfg.bf16_autocast else ""}seed {cfg.seed}, CPU,
+weighted {cfg.first_token_weight}×, length-bucketed batches{", the shared prompt prefix run once per batch" if cfg.share_prefix else ""}, {cfg.attn_implementation} attention, {"bfloat16 autocast, " if cfg.bf16_autocast else ""}seed {cfg.seed}, CPU,
 {cfg.torch_threads} threads.
 Full config: `training_config.json`. Time on this run: {t_data / 60:.1f} min building data,
 {t_train / 60:.1f} min training, {t_total / 60:.1f} min in all (including the evaluation).
