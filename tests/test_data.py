@@ -1,8 +1,10 @@
+import re
+
 import pandas as pd
 import pytest
 
 from refusal_circuits import align_pairs, load_instructions, load_safety_pairs, load_toy_pairs
-from refusal_circuits.data import PairAlignmentError, datasets_overview
+from refusal_circuits.data import DATA_DIR, PairAlignmentError, datasets_overview
 
 
 def test_instruction_sets_sizes_and_splits():
@@ -78,3 +80,41 @@ def test_length_groups_batch_without_padding(tiny_llama):
         a, b = ap.batch(idx)
         assert a.shape == b.shape == (len(idx), n)
         assert ((a != b).sum(1) == 1).all()
+
+
+
+def _words(prompt: str) -> tuple[str, ...]:
+    return tuple(re.sub(r"[^\w\s']", " ", prompt.lower()).split())
+
+
+def _near_keys(words: tuple[str, ...]) -> set:
+    """Two word sequences share a key if they are equal or one word apart (a word substituted, added or
+    removed): the sequence itself, the sequence with each word wildcarded, and with each word dropped
+    (a shorter sequence equals a longer one with a word dropped)."""
+    keys = {words}
+    keys |= {words[:i] + ("*",) + words[i + 1:] for i in range(len(words))}
+    keys |= {words[:i] + words[i + 1:] for i in range(len(words))}
+    return keys
+
+
+def test_organism_training_data_is_separate_from_the_evaluation_data():
+    """No training-only prompt of the organism equals an evaluation prompt (toy pairs, safety pairs,
+    the val/test splits), word for word or one word apart."""
+    from refusal_circuits.organism import OrganismConfig
+
+    cfg = OrganismConfig()
+    toy, sp = load_toy_pairs(), load_safety_pairs()
+    evaluation = toy["harmful"].tolist() + toy["harmless"].tolist() + sp["sensitive"].tolist() + sp["control"].tolist()
+    for kind in ("harmful", "harmless"):
+        for split in ("val", "test"):
+            evaluation += load_instructions(kind, split)["instruction"].tolist()
+    training = []
+    for name in cfg.contrast_files:
+        cp = pd.read_csv(DATA_DIR / name, keep_default_na=False)
+        training += cp["harmful"].tolist() + cp["harmless"].tolist()
+    for name in cfg.extra_harmless_files:
+        training += pd.read_csv(DATA_DIR / name, keep_default_na=False)["instruction"].tolist()
+    assert len(training) > 1000 and len(evaluation) > 700
+    index = {key: e for e in evaluation for key in _near_keys(_words(e))}
+    hits = {(t, index[k]) for t in training for k in _near_keys(_words(t)) if k in index}
+    assert not hits, sorted(hits)[:10]
