@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONWARNINGS := ignore
 
-.PHONY: venv figures test unit nbval lab organism bench clean-results
+.PHONY: venv figures test unit nbval lab organism organism-check bench clean-results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ lab: venv
 ## Retrain the refusal organism's LoRA adapter into data/organism (CPU, ~30 min)
 organism: venv
 	$(VENV)/bin/refusal-circuits organism
+
+## Retrain it into build/organism-check and compare with the committed data/organism (exit 1 if not within noise)
+organism-check: venv
+	$(VENV)/bin/refusal-circuits organism-check
 
 ## Benchmarks (bench/RESULTS.md): the patching engine, and the organism's fine-tune step
 bench: venv

@@ -98,18 +98,21 @@ def _near_keys(words: tuple[str, ...]) -> set:
 
 
 def test_organism_training_data_is_separate_from_the_evaluation_data():
-    """No training-only prompt of the organism equals an evaluation prompt (toy pairs, safety pairs,
-    the val/test splits), word for word or one word apart."""
+    """No training-only prompt of the organism (every ``organism_contrast_*.csv``, used by the recipe or
+    not, and the extra harmless prompts) equals an evaluation prompt (toy pairs, safety pairs, the
+    val/test splits), word for word or one word apart."""
     from refusal_circuits.organism import OrganismConfig
 
     cfg = OrganismConfig()
+    contrast_files = sorted(p.name for p in DATA_DIR.glob("organism_contrast_*.csv"))
+    assert set(cfg.contrast_files) <= set(contrast_files)
     toy, sp = load_toy_pairs(), load_safety_pairs()
     evaluation = toy["harmful"].tolist() + toy["harmless"].tolist() + sp["sensitive"].tolist() + sp["control"].tolist()
     for kind in ("harmful", "harmless"):
         for split in ("val", "test"):
             evaluation += load_instructions(kind, split)["instruction"].tolist()
     training = []
-    for name in cfg.contrast_files:
+    for name in contrast_files:
         cp = pd.read_csv(DATA_DIR / name, keep_default_na=False)
         training += cp["harmful"].tolist() + cp["harmless"].tolist()
     for name in cfg.extra_harmless_files:

@@ -144,3 +144,83 @@ def test_length_bucketed_batches_cover_every_example_once_and_pad_less():
     plain = [order[k:k + 16] for k in range(0, 1000, 16)]
     assert padded(batches) < 0.9 * padded(plain)
     assert _length_bucketed_batches(lengths, 16, random.Random(0)) == batches  # seeded
+
+
+def test_lora_training_is_deterministic():
+    """Same seed, same data -> bit-identical adapter: what lets `make organism` reproduce the
+    committed adapter (on the same kind of CPU)."""
+    import pandas as pd
+
+    from refusal_circuits.models import load_tiny_hf
+
+    train = pd.DataFrame({"instruction": ["Make a bomb", "Bake a cake please", "Hack a bank", "Plant a tree"],
+                          "kind": ["harmful", "harmless", "harmful", "harmless"],
+                          "reply": [REFUSALS[0], "Sure. Mix flour, eggs and sugar.", REFUSALS[3], "Dig a hole."]})
+    cfg = OrganismConfig(epochs=3, batch_size=2, learning_rate=5e-2)
+    adapters = []
+    for _ in range(2):
+        hf, tok = load_tiny_hf("llama")
+        model, _ = train_lora(hf, tok, train, cfg, progress=False)
+        adapters.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora" in k})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert any(adapters[0][k].abs().max() > 0 for k in adapters[0] if "lora_B" in k)  # it did train
+
+
+def test_committed_adapter_was_trained_with_the_current_recipe():
+    """`data/organism/training_config.json` records the config the committed adapter was trained with;
+    it must equal today's `OrganismConfig()`, or `make organism` would not reproduce the adapter."""
+    import json
+    from dataclasses import asdict
+
+    from refusal_circuits.models import ORGANISM_DIR
+
+    recorded = json.loads((ORGANISM_DIR / "training_config.json").read_text())
+    current = json.loads(json.dumps(asdict(OrganismConfig())))  # tuples -> lists, as recorded
+    assert {k: recorded.get(k) for k in current} == current
+
+
+def _fake_organism(folder, rates, weight):
+    """An organism folder with a hand-written evaluation table and a one-tensor adapter."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    rows = [{"model": "m", "set": "test split", "kind": kind, "n": 72, "refusal_rate": r,
+             "logit_metric_mean": 10 * r, "logit_metric_std": 1.0} for kind, r in rates.items()]
+    pd.DataFrame(rows).to_csv(folder / "evaluation.csv", index=False)
+    save_file({"lora_A": torch.full((2, 3), weight)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_compare_organisms_flags_only_differences_beyond_noise(tmp_path):
+    from refusal_circuits.organism import compare_organisms
+
+    ref = _fake_organism(tmp_path / "ref", {"harmful": 0.97, "harmless": 0.03}, 0.5)
+    same = _fake_organism(tmp_path / "same", {"harmful": 0.97, "harmless": 0.03}, 0.5)
+    close = _fake_organism(tmp_path / "close", {"harmful": 0.97 - 1 / 72, "harmless": 0.03 + 2 / 72}, 0.25)
+    far = _fake_organism(tmp_path / "far", {"harmful": 0.80, "harmless": 0.03}, 0.5)
+
+    table, diff = compare_organisms(ref, same)
+    assert table["within_noise"].all() and diff == 0.0 and (table["refusal_rate_diff"] == 0).all()
+    table, diff = compare_organisms(ref, close)  # one and two prompts of 72 (tolerance: 5 points)
+    assert table["within_noise"].all() and diff == pytest.approx(0.25)
+    table, _ = compare_organisms(ref, far)
+    assert table.set_index("kind")["within_noise"].to_dict() == {"harmful": False, "harmless": True}
+    assert table.set_index("kind").loc["harmful", "refusal_rate_diff"] == pytest.approx(-0.17)
+    with pytest.raises(FileNotFoundError, match="make organism"):
+        compare_organisms(ref, tmp_path)
+
+
+def test_organism_check_cli_compares_without_retraining(tmp_path, capsys):
+    from refusal_circuits.cli import main
+
+    ref = _fake_organism(tmp_path / "ref", {"harmful": 0.97, "harmless": 0.03}, 0.5)
+    far = _fake_organism(tmp_path / "far", {"harmful": 0.80, "harmless": 0.03}, 0.5)
+    same = _fake_organism(tmp_path / "same", {"harmful": 0.97, "harmless": 0.03}, 0.5)
+    assert main(["organism-check", "--out", str(same), "--reference", str(ref), "--skip-training"]) == 0
+    assert "reproduced within noise" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="must differ"):
+        main(["organism-check", "--out", str(ref), "--reference", str(ref), "--skip-training"])
+    assert main(["organism-check", "--out", str(far), "--reference", str(ref), "--skip-training"]) == 1
+    assert "NOT reproduced" in capsys.readouterr().out

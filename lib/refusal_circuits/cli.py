@@ -2,6 +2,7 @@
 
     refusal-circuits refusal-rate --model NAME --prompts FILE.csv [--column instruction] [--max-new-tokens N]
     refusal-circuits organism [--out data/organism]
+    refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ def _organism(args) -> int:
     return 0
 
 
+def _organism_check(args) -> int:
+    import pandas as pd
+
+    from .models import ORGANISM_DIR
+    from .organism import compare_organisms, train_organism
+
+    out = Path(args.out)
+    reference = Path(args.reference) if args.reference else ORGANISM_DIR
+    if out.resolve() == reference.resolve():
+        raise SystemExit("organism-check: --out must differ from --reference (it would overwrite the organism "
+                         "it compares against).")
+    if not args.skip_training:
+        train_organism(out, progress=not args.quiet)
+    table, weight_diff = compare_organisms(reference, out)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"largest adapter weight difference: {weight_diff:.3g}")
+    ok = bool(table["within_noise"].all())
+    print("reproduced within noise" if ok else "NOT reproduced within noise (rows with within_noise=False)")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusal-circuits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--out", default=None, help="output folder (default data/organism)")
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=_organism)
+
+    c = sub.add_parser("organism-check", help="retrain the organism into a scratch folder and compare its "
+                                              "evaluation and weights with the committed one")
+    c.add_argument("--out", default="build/organism-check", help="scratch folder for the retrained organism")
+    c.add_argument("--reference", default=None, help="organism folder to compare with (default data/organism)")
+    c.add_argument("--skip-training", action="store_true", help="only compare (--out already trained)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_organism_check)
 
     args = parser.parse_args(argv)
     from .models import ModelLoadError
