@@ -460,6 +460,8 @@ Per-prompt completions: `evaluation_per_prompt.csv`.
 {bar}
 
 ## Reproduce
-`make organism` (≈ {t_total / 60:.0f} min on 2 CPU cores) rewrites this folder.
+`make organism` (≈ {t_total / 60:.0f} min on 2 CPU cores) rewrites this folder. Training is deterministic
+(fixed seeds, CPU); `make organism-check` retrains into `build/organism-check` instead and compares its
+evaluation and adapter weights with this folder's.
 """
     (out_dir / "README.md").write_text(card)
