@@ -98,8 +98,8 @@ def _near_keys(words: tuple[str, ...]) -> set:
 
 
 def test_organism_training_data_is_separate_from_the_evaluation_data():
-    """No training-only prompt of the organism (every ``organism_contrast_*.csv``, used by the recipe or
-    not, and the extra harmless prompts) equals an evaluation prompt (toy pairs, safety pairs, the
+    """No training-only prompt of the organism (every ``organism_contrast_*.csv`` and
+    ``organism_extra_*.csv``, used by the recipe or not) equals an evaluation prompt (toy pairs, safety pairs, the
     val/test splits), word for word or one word apart."""
     from refusal_circuits.organism import OrganismConfig
 
@@ -115,7 +115,9 @@ def test_organism_training_data_is_separate_from_the_evaluation_data():
     for name in contrast_files:
         cp = pd.read_csv(DATA_DIR / name, keep_default_na=False)
         training += cp["harmful"].tolist() + cp["harmless"].tolist()
-    for name in cfg.extra_harmless_files:
+    extra_files = sorted(p.name for p in DATA_DIR.glob("organism_extra_*.csv"))
+    assert set(cfg.extra_harmless_files) <= set(extra_files)
+    for name in extra_files:
         training += pd.read_csv(DATA_DIR / name, keep_default_na=False)["instruction"].tolist()
     assert len(training) > 1000 and len(evaluation) > 700
     index = {key: e for e in evaluation for key in _near_keys(_words(e))}
