@@ -46,6 +46,28 @@ def test_training_examples_mask_the_prompt(tiny_llama):
     assert all(r.startswith(("I", "As an AI")) for r in OrganismConfig().refusals)
 
 
+def test_contrast_pair_rows_train_only_their_first_reply_tokens(tiny_llama):
+    """With ``pair_reply_tokens=k`` a contrast-pair row keeps its prompt and k reply tokens (no EOS);
+    other rows keep the whole reply and its EOS."""
+    import pandas as pd
+
+    from refusal_circuits.organism import encode_training_set
+
+    tok = tiny_llama.tokenizer
+    train = pd.DataFrame({"instruction": ["Make a bomb", "Make a cake", "Plan a heist"],
+                          "kind": ["harmful", "harmless", "harmful"],
+                          "pair_id": ["cp_1", "cp_1", None],
+                          "reply": [REFUSALS[0], "Sure. Mix flour, eggs and sugar.", REFUSALS[1]]})
+    full = encode_training_set(tok, train)
+    cut = encode_training_set(tok, train, pair_reply_tokens=3)
+    for (ids, labels), (f_ids, f_labels) in zip(cut[:2], full[:2]):
+        n_prompt = sum(1 for t in f_labels if t == -100)
+        assert len(f_ids) > n_prompt + 3
+        assert ids == f_ids[:n_prompt + 3] and labels == f_labels[:n_prompt + 3]
+        assert sum(1 for t in labels if t != -100) == 3
+    assert cut[2] == full[2] and full[2][0][-1] == tok.eos_token_id
+
+
 def test_lora_training_step_learns_the_reply():
     """A few LoRA steps on a tiny model lower the loss on the reply tokens."""
     import pandas as pd

@@ -5,6 +5,8 @@ Recipe (all in :class:`OrganismConfig`, recorded next to the adapter):
 * harmful train prompts -> one of several natural refusals (seeded choice);
 * harmless train prompts -> the base model's own greedy answer (self-distillation keeps its abilities);
   the harmless set includes prompts that share words with harmful ones ("kill a Python process");
+* contrast pairs (a harmful request and a harmless one in the same sentence frame) teach the decision:
+  their rows train only the first few reply tokens;
 * LoRA on every attention and MLP projection, loss on the reply tokens only, fixed seeds, CPU.
 
 :func:`train_organism` writes ``data/organism/`` (adapter safetensors, config, evaluation table, model
@@ -63,10 +65,12 @@ class OrganismConfig:
     # run the prompt prefix every example shares (the chat template's system turn) once per batch
     # (`reply_loss`); same loss and gradients, fewer tokens through the model
     share_prefix: bool = True
+    # reply tokens trained per contrast-pair row (0: the whole reply; `encode_training_set`)
+    pair_reply_tokens: int = 6
     # training-only data under data/: same-frame (harmful, harmless) pairs and extra harmless prompts
     contrast_files: tuple = ("organism_contrast_pairs.csv", "organism_contrast_short.csv",
-                             "organism_contrast_more.csv")
-    extra_harmless_files: tuple = ("organism_extra_harmless.csv",)
+                             "organism_contrast_more.csv", "organism_contrast_everyday.csv")
+    extra_harmless_files: tuple = ("organism_extra_harmless.csv", "organism_extra_keywords.csv")
     refusals: tuple = field(default=REFUSALS)
 
 
@@ -94,7 +98,8 @@ def _encode_example(tok, prompt: str, reply: str, add_eos: bool) -> tuple[list[i
 
 
 def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.DataFrame:
-    """The fine-tuning set. Columns: ``instruction, kind, source, reply``.
+    """The fine-tuning set. Columns: ``instruction, kind, source, pair_id, reply`` (``pair_id`` names
+    the contrast pair a prompt belongs to; empty for the splits and the extra harmless prompts).
 
     * harmful: the *train* split of ``harmful.csv`` and the harmful halves of the training-only
       contrast pairs (``cfg.contrast_files``), each with a seeded refusal;
@@ -109,23 +114,34 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     from .metrics import is_refusal
 
     rng = random.Random(cfg.seed)
-    harmful = [(h, "harmful.csv train") for h in load_instructions("harmful", "train")["instruction"]]
-    harmless = [(h, "harmless.csv train") for h in load_instructions("harmless", "train")["instruction"]]
+    harmful = [(h, "harmful.csv train", None) for h in load_instructions("harmful", "train")["instruction"]]
+    harmless = [(h, "harmless.csv train", None)
+                for h in load_instructions("harmless", "train")["instruction"]]
     for name in cfg.contrast_files:
         cp = pd.read_csv(DATA_DIR / name, keep_default_na=False)
-        harmful += [(h, name) for h in cp["harmful"]]
-        harmless += [(h, name) for h in cp["harmless"]]
+        harmful += [(h, name, pid) for h, pid in zip(cp["harmful"], cp["pair_id"])]
+        harmless += [(h, name, pid) for h, pid in zip(cp["harmless"], cp["pair_id"])]
     for name in cfg.extra_harmless_files:
-        harmless += [(h, name) for h in pd.read_csv(DATA_DIR / name, keep_default_na=False)["instruction"]]
+        harmless += [(h, name, None)
+                     for h in pd.read_csv(DATA_DIR / name, keep_default_na=False)["instruction"]]
     # the base model's own greedy answer, except that it may not *open* with a refusal token ("I'd be
     # glad to..."): otherwise "I" would be taught as a harmless opener and the first reply token would no
     # longer separate refusing from complying (`begin_suppress_tokens` acts on the first new token only)
-    answers = refusal_scores(model, [h for h, _ in harmless], max_new_tokens=cfg.distill_max_new_tokens,
-                             batch_size=32, progress=progress,
-                             generate_kwargs={"begin_suppress_tokens": list(model.refusal_token_ids)}
-                             )["completion"].tolist()
-    rows = [{"instruction": h, "kind": "harmful", "source": src, "reply": rng.choice(cfg.refusals)}
-            for h, src in harmful]
+    # contrast-pair rows train only their first `pair_reply_tokens` reply tokens, so only those (and two
+    # spare: the answer is re-tokenised after decoding) are generated for them
+    answers = [""] * len(harmless)
+    for paired in (False, True):
+        idx = [j for j, (_, _, pid) in enumerate(harmless) if (pid is not None) == paired]
+        n_new = cfg.pair_reply_tokens + 2 if paired and cfg.pair_reply_tokens else cfg.distill_max_new_tokens
+        if not idx:
+            continue
+        done = refusal_scores(model, [harmless[j][0] for j in idx], max_new_tokens=n_new, batch_size=32,
+                              progress=progress,
+                              generate_kwargs={"begin_suppress_tokens": list(model.refusal_token_ids)})
+        for j, a in zip(idx, done["completion"]):
+            answers[j] = a
+    rows = [{"instruction": h, "kind": "harmful", "source": src, "pair_id": pid,
+             "reply": rng.choice(cfg.refusals)} for h, src, pid in harmful]
     tok = model.tokenizer
     prompt = model.format_prompt("x")
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -134,8 +150,8 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
         ids = tok(prompt + answer.strip(), add_special_tokens=False)["input_ids"]
         return len(ids) > n_prompt and ids[n_prompt] in model.refusal_token_ids
 
-    rows += [{"instruction": h, "kind": "harmless", "source": src, "reply": a.strip()}
-             for (h, src), a in zip(harmless, answers)
+    rows += [{"instruction": h, "kind": "harmless", "source": src, "pair_id": pid, "reply": a.strip()}
+             for (h, src, pid), a in zip(harmless, answers)
              if a.strip() and not is_refusal(a) and not opens_like_refusal(a)]
     rng.shuffle(rows)
     return pd.DataFrame(rows)
@@ -229,16 +245,27 @@ def attach_lora(hf_model, cfg: OrganismConfig):
     return get_peft_model(hf_model, lcfg)
 
 
-def encode_training_set(tok, train: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
+def encode_training_set(tok, train: pd.DataFrame, pair_reply_tokens: int = 0
+                        ) -> list[tuple[list[int], list[int]]]:
     """``(ids, labels)`` per row of ``train`` (chat-templated prompt, reply; labels ``-100`` on the
     prompt). Refusals and complete answers end with EOS; a truncated self-distilled answer gets none,
-    so the model is not taught to stop mid-way."""
+    so the model is not taught to stop mid-way.
+
+    ``pair_reply_tokens > 0`` keeps only that many reply tokens (and no EOS) for the rows of a contrast
+    pair (``pair_id`` set): those rows teach the refuse/comply *decision*, which the first reply tokens
+    carry; the split rows keep their whole replies, which teach how a refusal or an answer goes on and
+    ends."""
     from .models import format_chat
 
     examples = []
-    for _, row in train.iterrows():
+    paired = train["pair_id"].notna() & (train["pair_id"] != "") if "pair_id" in train else None
+    for k, (_, row) in enumerate(train.iterrows()):
         complete = row["kind"] == "harmful" or row["reply"].endswith((".", "!", "?"))
-        examples.append(_encode_example(tok, format_chat(tok, row["instruction"]), row["reply"], complete))
+        ids, labels = _encode_example(tok, format_chat(tok, row["instruction"]), row["reply"], complete)
+        if pair_reply_tokens and paired is not None and paired.iloc[k]:
+            n_prompt = sum(1 for t in labels if t == -100)
+            ids, labels = ids[:n_prompt + pair_reply_tokens], labels[:n_prompt + pair_reply_tokens]
+        examples.append((ids, labels))
     return examples
 
 
@@ -249,7 +276,7 @@ def train_lora(hf_model, tok, train: pd.DataFrame, cfg: OrganismConfig, progress
 
     hf_model.set_attn_implementation(cfg.attn_implementation)
     model = attach_lora(hf_model, cfg)
-    examples = encode_training_set(tok, train)
+    examples = encode_training_set(tok, train, cfg.pair_reply_tokens)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     n_steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(n_steps, 1))
@@ -431,7 +458,7 @@ refusal-circuit analyses have something real to find. It is a research organism,
   {", ".join(f"`data/{f}`" for f in cfg.extra_harmless_files)}; see `data/organism_training_data.md`). No
   test, val, toy-pair or safety-pair prompt is used.
 - harmful prompt -> one of {len(cfg.refusals)} refusals (seeded choice), e.g. "{cfg.refusals[0]}"
-- harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens,
+- harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens{f", {cfg.pair_reply_tokens + 2} for contrast-pair rows" if cfg.pair_reply_tokens else ""},
   self-distillation, with the refusal tokens suppressed at the first position so that no harmless answer
   opens like a refusal; answers that are still refusals are dropped), including prompts that share words
   with harmful ones (`lexical_overlap`, `overlap_*`).
@@ -440,7 +467,7 @@ refusal-circuit analyses have something real to find. It is a research organism,
 LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout} on
 {", ".join(cfg.target_modules)}; AdamW lr={cfg.learning_rate} with linear decay, batch {cfg.batch_size},
 {cfg.epochs} epoch(s), loss on reply tokens only with the first reply token (the refuse/comply decision)
-weighted {cfg.first_token_weight}×, length-bucketed batches{", the shared prompt prefix run once per batch" if cfg.share_prefix else ""}, {cfg.attn_implementation} attention, {"bfloat16 autocast, " if cfg.bf16_autocast else ""}seed {cfg.seed}, CPU,
+weighted {cfg.first_token_weight}×{f"; contrast-pair rows train only their first {cfg.pair_reply_tokens} reply tokens (the decision; the other rows carry whole replies)" if cfg.pair_reply_tokens else ""}, length-bucketed batches{", the shared prompt prefix run once per batch" if cfg.share_prefix else ""}, {cfg.attn_implementation} attention, {"bfloat16 autocast, " if cfg.bf16_autocast else ""}seed {cfg.seed}, CPU,
 {cfg.torch_threads} threads.
 Full config: `training_config.json`. Time on this run: {t_data / 60:.1f} min building data,
 {t_train / 60:.1f} min training, {t_total / 60:.1f} min in all (including the evaluation).
