@@ -43,7 +43,7 @@ nbval: venv
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks
 
-## Retrain the refusal organism's LoRA adapter into data/organism (CPU, ~21 min)
+## Retrain the refusal organism's LoRA adapter into data/organism (CPU, ~26 min)
 organism: venv
 	$(VENV)/bin/refusal-circuits organism
 

@@ -97,6 +97,11 @@ def _encode_example(tok, prompt: str, reply: str, add_eos: bool) -> tuple[list[i
     return p_ids + r_ids, [-100] * len(p_ids) + r_ids
 
 
+def _pair_distill_tokens(cfg: OrganismConfig) -> int:
+    """Tokens distilled for a contrast pair's harmless half: the trained ones plus two spare."""
+    return cfg.pair_reply_tokens + 2
+
+
 def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.DataFrame:
     """The fine-tuning set. Columns: ``instruction, kind, source, pair_id, reply`` (``pair_id`` names
     the contrast pair a prompt belongs to; empty for the splits and the extra harmless prompts).
@@ -127,12 +132,12 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     # the base model's own greedy answer, except that it may not *open* with a refusal token ("I'd be
     # glad to..."): otherwise "I" would be taught as a harmless opener and the first reply token would no
     # longer separate refusing from complying (`begin_suppress_tokens` acts on the first new token only)
-    # contrast-pair rows train only their first `pair_reply_tokens` reply tokens, so only those (and two
-    # spare: the answer is re-tokenised after decoding) are generated for them
+    # contrast-pair rows train only their first `pair_reply_tokens` reply tokens, so only those (and a
+    # spare few: the answer is re-tokenised after decoding) are generated for them
     answers = [""] * len(harmless)
     for paired in (False, True):
         idx = [j for j, (_, _, pid) in enumerate(harmless) if (pid is not None) == paired]
-        n_new = cfg.pair_reply_tokens + 2 if paired and cfg.pair_reply_tokens else cfg.distill_max_new_tokens
+        n_new = _pair_distill_tokens(cfg) if paired and cfg.pair_reply_tokens else cfg.distill_max_new_tokens
         if not idx:
             continue
         done = refusal_scores(model, [harmless[j][0] for j in idx], max_new_tokens=n_new, batch_size=32,
@@ -458,7 +463,7 @@ refusal-circuit analyses have something real to find. It is a research organism,
   {", ".join(f"`data/{f}`" for f in cfg.extra_harmless_files)}; see `data/organism_training_data.md`). No
   test, val, toy-pair or safety-pair prompt is used.
 - harmful prompt -> one of {len(cfg.refusals)} refusals (seeded choice), e.g. "{cfg.refusals[0]}"
-- harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens{f", {cfg.pair_reply_tokens + 2} for contrast-pair rows" if cfg.pair_reply_tokens else ""},
+- harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens{f", {_pair_distill_tokens(cfg)} for contrast-pair rows" if cfg.pair_reply_tokens else ""},
   self-distillation, with the refusal tokens suppressed at the first position so that no harmless answer
   opens like a refusal; answers that are still refusals are dropped), including prompts that share words
   with harmful ones (`lexical_overlap`, `overlap_*`).
