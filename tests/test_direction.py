@@ -89,8 +89,8 @@ def test_notebook_pipeline_runs_on_every_architecture(tiny_model, tmp_path):
     """Every analysis of notebooks 02-03 runs end to end on each architecture family."""
     from refusal_circuits import ResultsStore, align_pairs, load_toy_pairs
     from refusal_circuits import patching as P
-    from refusal_circuits.direction import (block_contributions, clamp_sweep, paired_block_contributions,
-                                            refusal_direction, self_repair)
+    from refusal_circuits.direction import block_contributions, clamp_sweep, paired_block_contributions, self_repair
+    from refusal_circuits.stages import refusal_direction
 
     m = tiny_model
     store = ResultsStore(m.slug, root=tmp_path)

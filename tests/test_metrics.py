@@ -48,20 +48,3 @@ def test_log_odds_is_stable_for_extreme_logits():
     logits = torch.tensor([[200.0, -200.0, -200.0]])
     assert torch.isfinite(log_odds_refusal_score(logits, [0])).all()
     assert log_odds_refusal_score(logits, [0]).item() == pytest.approx(400 - math.log(2), abs=1e-3)
-
-
-def test_generate_passes_begin_suppress_tokens(tiny_llama):
-    """The organism's self-distillation suppresses refusal tokens at the first reply position only."""
-    from refusal_circuits.metrics import generate
-
-    prompts = ["Tell me about cats", "How do I bake bread?"]
-    tok, hf = tiny_llama.tokenizer, tiny_llama.hf_model
-    ids, mask = tiny_llama.to_tokens(prompts)
-    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-    banned = sorted(set(hf.generate(input_ids=ids, **kw)[:, ids.shape[1]].tolist()))  # the greedy first tokens
-    ref = hf.generate(input_ids=ids, begin_suppress_tokens=banned, **kw)[:, ids.shape[1]:]
-    assert not set(ref[:, 0].tolist()) & set(banned)
-    out = generate(tiny_llama, prompts, max_new_tokens=3, progress=False,
-                   generate_kwargs={"begin_suppress_tokens": banned})
-    assert out == tok.batch_decode(ref, skip_special_tokens=True)
-    assert out != generate(tiny_llama, prompts, max_new_tokens=3, progress=False)

@@ -71,3 +71,43 @@ def test_bad_dtype_and_empty_name():
 def test_missing_adapter_is_explained(tmp_path):
     with pytest.raises(ModelLoadError, match="make organism"):
         load_model("smollm2-135m-refusal", adapter_dir=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "auto"])
+def test_cuda_on_a_cpu_torch_is_one_clear_error(device):
+    from refusal_circuits.models import resolve_device
+
+    with pytest.raises(ModelLoadError, match="needs CUDA.*--device cpu"):
+        resolve_device(device)
+    with pytest.raises(ModelLoadError, match="needs CUDA"):
+        load_model("tiny-llama", device=device)
+
+
+@pytest.mark.parametrize("device,match", [("banana", "Unknown device"), ("xla", "not supported"),
+                                          ("mps", "MPS")])
+def test_unknown_or_missing_devices(device, match):
+    from refusal_circuits.models import resolve_device
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ModelLoadError, match=match):
+        resolve_device(device)
+    assert resolve_device("cpu") == "cpu" and resolve_device(None) in ("cpu", "cuda")
+
+
+def test_check_model_needs_no_weights_loaded(tmp_path):
+    from refusal_circuits.models import DEFAULT_MODEL, check_model, load_tiny_hf
+
+    assert "built in" in check_model(DEFAULT_MODEL, "cpu")
+    assert "random weights" in check_model("tiny-qwen2", "cpu")
+    with pytest.raises(ModelLoadError, match="huggingface-cli download nobody/nothing"):
+        check_model("nobody/nothing", "cpu")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="no weight files"):
+        check_model(str(tmp_path), "cpu")
+    hf, _ = load_tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "saved")
+    assert str(tmp_path / "saved") in check_model(str(tmp_path / "saved"), "cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        check_model("tiny-llama", "cpu", dtype="float8")

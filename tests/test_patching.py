@@ -141,3 +141,42 @@ def test_attribution_estimate_is_the_directional_derivative(tiny_llama):
     # and the exact interchange at t = 1 is what head_interchange reports
     exact = head_interchange(m, pairs, "noising", heads=[(l, h)], progress=False)
     assert exact[exact.pair_id == pairs.pairs.pair_id[i]].patched.item() == pytest.approx(run(1.0), abs=1e-4)
+
+
+def test_killed_sweep_resumes_with_only_the_missing_parts(tiny_llama, pairs, tmp_path):
+    """An exception from inside a checkpointed sweep after some parts; the rerun computes only the
+    missing parts and returns exactly the table of an uninterrupted run."""
+    from refusal_circuits.patching import default_metric
+    from refusal_circuits.results import ResultsStore
+
+    m = tiny_llama
+    patches = resid_patches(m, [-3, -2, -1]) + block_patches(m)  # 6 + 4 patches
+    store = ResultsStore("m", root=tmp_path)
+    base = default_metric(m)
+    calls = {"n": 0, "die_at": None}
+
+    def metric(last):
+        calls["n"] += 1
+        if calls["die_at"] is not None and calls["n"] == calls["die_at"]:
+            raise RuntimeError("killed mid-sweep")
+        return base(last)
+
+    kw = dict(mode="noising", metric=metric, max_batch=12, progress=False, patches_per_part=3)
+    whole = patch_sweep(m, pairs, patches, checkpoint=store.checkpoint("whole", {}), **kw)
+    n_whole = calls["n"]
+    n_parts = -(-len(patches) // 3) * len(pairs.length_groups())
+    assert len(whole) == len(patches) * len(pairs)
+    calls.update(n=0, die_at=n_whole // 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        patch_sweep(m, pairs, patches, checkpoint=store.checkpoint("resumed", {}), **kw)
+    done = len(list(store.path("resumed", {}, ".parts").glob("*.parquet")))
+    assert 0 < done < n_parts
+    calls.update(n=0, die_at=None)
+    again = patch_sweep(m, pairs, patches, checkpoint=store.checkpoint("resumed", {}), **kw)
+    assert 0 < calls["n"] < n_whole  # only the missing parts (and their groups' clean runs) were computed
+    pd.testing.assert_frame_equal(again, whole)
+    assert store.manifest("resumed", {})["parts_resumed"] == done
+    # in memory, one part per length group: the same numbers
+    memory = patch_sweep(m, pairs, patches, mode="noising", max_batch=12, progress=False)
+    assert memory.label.tolist() == whole.label.tolist()
+    assert memory.patched.values == pytest.approx(whole.patched.values, abs=1e-4)

@@ -57,3 +57,53 @@ def test_weights_fingerprint_is_part_of_the_key(tmp_path):
     a.save("t", {"n": 1}, pd.DataFrame({"x": [1]}))
     assert a.load("t", {"n": 1}) is not None
     assert b.load("t", {"n": 1}) is None  # a retrained organism does not reuse old results
+
+
+def test_checkpointed_parts_resume_and_equal_an_uninterrupted_run(tmp_path):
+    from refusal_circuits.results import run_parts
+
+    store = ResultsStore("m", root=tmp_path)
+    fn = lambda i: pd.DataFrame({"item": [i], "name": [f"p{i}"], "x": [i / 3]})  # noqa: E731
+    memory = run_parts(range(4), fn, None, progress=False)
+    whole = run_parts(range(4), fn, store.checkpoint("a", {}), progress=False)
+    pd.testing.assert_frame_equal(memory, whole, check_dtype=False)
+    seen, state = [], {"die": True}
+
+    def dying(i):
+        seen.append(i)
+        if i == 2 and state["die"]:
+            raise RuntimeError("killed")
+        return fn(i)
+
+    with pytest.raises(RuntimeError):
+        run_parts(range(4), dying, store.checkpoint("b", {}), progress=False)
+    seen.clear()
+    state["die"] = False
+    resumed = run_parts(range(4), dying, store.checkpoint("b", {}), progress=False)
+    assert seen == [2, 3]
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert store.manifest("b", {})["parts_resumed"] == 2
+
+
+def test_parts_of_another_plan_are_not_reused(tmp_path):
+    store = ResultsStore("m", root=tmp_path)
+    calls = []
+
+    def fn(i):
+        calls.append(i)
+        if i == "c":
+            raise RuntimeError("stop")
+        return pd.DataFrame({"v": [i]})
+
+    with pytest.raises(RuntimeError):
+        store.sweep("s", {}, ["a", "b", "c"], fn, progress=False)
+    calls.clear()
+    out = store.sweep("s", {}, ["x", "b"], lambda i: fn(i), progress=False)  # other items, same name
+    assert calls == ["x", "b"] and out.v.tolist() == ["x", "b"]
+
+
+def test_save_returns_what_a_reload_gives(tmp_path):
+    store = ResultsStore("m", root=tmp_path)
+    df = pd.DataFrame({"a": ["x", "y"], "b": [1.0, 2.0]})
+    saved = store.save("t", {}, df)
+    pd.testing.assert_frame_equal(saved, store.load("t", {}))

@@ -1,18 +1,33 @@
 """refusal_circuits: a thin library behind the notebooks that reproduce two studies of how chat models
-refuse ("Analysing the Refusal Circuit in Gemma 2b IT" and "How Alignment Routes", arXiv 2604.04385)."""
+refuse ("Analysing the Refusal Circuit in Gemma 2b IT" and "How Alignment Routes", arXiv 2604.04385).
 
-from . import data, direction, metrics, models, patching, plotting, results  # noqa: F401
+Layers, lowest first (each imports only those below it; ``docs/methods.md`` describes the experiments):
+
+* ``paths``, ``hooks``, ``metrics`` -- where files live, hook names, the refusal metrics as pure functions;
+* ``models`` -- loading chat models as TransformerLens 4 bridges (the organism's adapter included);
+* ``data``, ``batching``, ``results``, ``reference``, ``plotting`` -- datasets and pair alignment,
+  batches / progress / the activation loop, the resumable results store, the reference numbers, figures;
+* ``scoring``, ``generation`` -- logit metrics and greedy generations of a model's prompts;
+* ``direction``, ``patching`` -- the analyses; ``stages`` -- the artifacts later notebooks build on.
+
+Above the core, never imported by it: ``organism`` (training the refusal organism), ``cli``, ``runner``.
+"""
+
+from . import (batching, data, direction, generation, hooks, metrics, models, patching, paths, plotting,  # noqa: F401
+               reference, results, scoring, stages)
 from .data import (AlignedPairs, PairAlignmentError, align_pairs, load_instructions, load_safety_pairs,
                    load_toy_pairs)
+from .generation import generate, refusal_rate, refusal_scores
 from .metrics import (REFUSAL_SUBSTRINGS, is_refusal, log_odds_refusal_score, logit_refusal_metric,
-                      pullback_direction, refusal_metrics, refusal_scores)
-from .models import CONTROL_MODEL, DEFAULT_MODEL, ChatModel, ModelLoadError, load_model
+                      pullback_direction)
+from .models import CONTROL_MODEL, DEFAULT_MODEL, ChatModel, ModelLoadError, check_model, load_model
 from .results import ResultsStore
+from .scoring import refusal_metrics
 
 __all__ = [
     "AlignedPairs", "ChatModel", "CONTROL_MODEL", "DEFAULT_MODEL", "ModelLoadError", "PairAlignmentError",
-    "REFUSAL_SUBSTRINGS", "ResultsStore", "align_pairs", "is_refusal", "load_instructions", "load_model",
-    "load_safety_pairs", "load_toy_pairs", "log_odds_refusal_score", "logit_refusal_metric",
-    "pullback_direction", "refusal_metrics", "refusal_scores",
+    "REFUSAL_SUBSTRINGS", "ResultsStore", "align_pairs", "check_model", "generate", "is_refusal",
+    "load_instructions", "load_model", "load_safety_pairs", "load_toy_pairs", "log_odds_refusal_score",
+    "logit_refusal_metric", "pullback_direction", "refusal_metrics", "refusal_rate", "refusal_scores",
 ]
 __version__ = "0.1.0"

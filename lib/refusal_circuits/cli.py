@@ -1,23 +1,30 @@
-"""Command-line entry point: ``refusal-circuits <command> ...``.
+"""Command-line entry point: ``refusal-circuits [--verbose] <command> ...``.
 
     refusal-circuits refusal-rate --model NAME --prompts FILE.csv [--column instruction] [--max-new-tokens N]
     refusal-circuits organism [--out data/organism]
     refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
+
+Bad input (a model that is not here, a device this torch does not have, a missing column) ends with one
+``error: ...`` line on stderr and exit status 2. Library warnings are silenced unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, ModelLoadError
+from .paths import ORGANISM_DIR
 
 
 def _refusal_rate(args) -> int:
     import pandas as pd
 
-    from .metrics import refusal_scores
+    from .generation import refusal_scores
     from .models import load_model
 
     path = Path(args.prompts)
@@ -51,7 +58,6 @@ def _organism(args) -> int:
 def _organism_check(args) -> int:
     import pandas as pd
 
-    from .models import ORGANISM_DIR
     from .organism import compare_organisms, train_organism
 
     out = Path(args.out)
@@ -70,9 +76,25 @@ def _organism_check(args) -> int:
     return 0 if ok else 1
 
 
+def _quiet_libraries() -> None:
+    """No FutureWarnings or transformers chatter in the CLI's output (``--verbose`` keeps them)."""
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "transformer_lens", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusal-circuits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show library warnings and logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("refusal-rate", help="greedy completions + substring refusal flags for a CSV of prompts")
@@ -101,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_organism_check)
 
     args = parser.parse_args(argv)
-    from .models import ModelLoadError
-
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return args.func(args)
     except (ModelLoadError, ValueError, FileNotFoundError) as err:

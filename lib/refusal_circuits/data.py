@@ -12,15 +12,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import pandas as pd
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .models import ChatModel
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+from .models import ChatModel
+from .paths import DATA_DIR
 SPLITS = ("train", "val", "test")
 
 
@@ -123,7 +121,7 @@ class AlignedPairs:
                 torch.stack([self.tokens_b[i] for i in idx]))
 
 
-def align_pairs(model: "ChatModel", pairs: pd.DataFrame, col_a: str = "harmful", col_b: str = "harmless",
+def align_pairs(model: ChatModel, pairs: pd.DataFrame, col_a: str = "harmful", col_b: str = "harmless",
                 on_misaligned: Literal["drop", "raise"] = "drop", name_col: str = "pair_id",
                 require_single_diff: bool = True) -> AlignedPairs:
     """Tokenise both halves of every pair with the model's chat template and check the alignment.

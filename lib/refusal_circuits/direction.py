@@ -14,20 +14,22 @@ prompt position for every prompt of a batch. Layers index ``blocks.{l}.hook_resi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 
-from .metrics import _batches, _progress, log_odds_refusal_score
+from . import hooks
+from .batching import cached_runs, last_logits
+from .metrics import log_odds_refusal_score
+from .models import ChatModel
+from .results import Checkpoint, run_parts
+from .scoring import refusal_metrics
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .models import ChatModel
 
-
-def post_instruction_positions(model: "ChatModel") -> int:
+def post_instruction_positions(model: ChatModel) -> int:
     """Number of template tokens after the instruction (e.g. ``<end_of_turn>\\n<start_of_turn>model\\n``),
     found as the longest common token suffix of two differently-ending prompts."""
     tok = model.tokenizer
@@ -41,12 +43,12 @@ def post_instruction_positions(model: "ChatModel") -> int:
     return n
 
 
-def resid_hook_names(model: "ChatModel") -> list[str]:
-    return [f"blocks.{l}.hook_resid_pre" for l in range(model.n_layers)]
+def resid_hook_names(model: ChatModel) -> list[str]:
+    return [hooks.resid_pre(l) for l in range(model.n_layers)]
 
 
 @torch.no_grad()
-def mean_resid(model: "ChatModel", instructions: Sequence[str], positions: Sequence[int],
+def mean_resid(model: ChatModel, instructions: Sequence[str], positions: Sequence[int],
                batch_size: int = 16, progress: bool = False) -> Float[torch.Tensor, "layer pos d_model"]:
     """Mean over prompts of ``resid_pre`` at every layer and the given positions (from the end), in
     float64."""
@@ -55,16 +57,13 @@ def mean_resid(model: "ChatModel", instructions: Sequence[str], positions: Seque
     names = resid_hook_names(model)
     total = torch.zeros(model.n_layers, len(positions), model.d_model, dtype=torch.float64)
     pos = torch.tensor(list(positions))
-    n_batches = -(-len(instructions) // batch_size)
-    for batch in _progress(_batches(list(instructions), batch_size), n_batches, "activations", progress):
-        ids, mask = model.to_tokens(batch)
-        _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+    for _, _, cache in cached_runs(model, instructions, names, batch_size, show_progress=progress):
         for l, name in enumerate(names):
             total[l] += cache[name][:, pos].double().sum(0).cpu()
     return total / len(instructions)
 
 
-def candidate_directions(model: "ChatModel", harmful: Sequence[str], harmless: Sequence[str],
+def candidate_directions(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
                          positions: Sequence[int] | None = None, batch_size: int = 16, progress: bool = False
                          ) -> tuple[Float[torch.Tensor, "layer pos d_model"], list[int]]:
     """Difference of means ``mean(harmful) - mean(harmless)`` of ``resid_pre`` for every layer and
@@ -81,7 +80,7 @@ def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return d / d.norm()
 
 
-def ablation_hooks(model: "ChatModel", direction: Float[torch.Tensor, "d_model"]) -> list:
+def ablation_hooks(model: ChatModel, direction: Float[torch.Tensor, "d_model"]) -> list:
     """Directional ablation: project ``r̂`` out of the residual stream before and after every
     attention and MLP block (``resid_pre`` and ``resid_mid`` of every layer and the final
     ``resid_post``). Because every write passes through one of these points before anything reads it,
@@ -93,12 +92,12 @@ def ablation_hooks(model: "ChatModel", direction: Float[torch.Tensor, "d_model"]
 
     names = []
     for l in range(model.n_layers):
-        names += [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_resid_mid"]
-    names.append(f"blocks.{model.n_layers - 1}.hook_resid_post")
+        names += [hooks.resid_pre(l), hooks.resid_mid(l)]
+    names.append(hooks.final_resid(model.n_layers))
     return [(n, hook) for n in names]
 
 
-def addition_hooks(model: "ChatModel", vector: Float[torch.Tensor, "d_model"], layer: int,
+def addition_hooks(model: ChatModel, vector: Float[torch.Tensor, "d_model"], layer: int,
                    alpha: float = 1.0) -> list:
     """Activation addition: ``resid_pre[layer] += alpha * vector`` at every position."""
     if not 0 <= layer < model.n_layers:
@@ -107,7 +106,7 @@ def addition_hooks(model: "ChatModel", vector: Float[torch.Tensor, "d_model"], l
     def hook(x, hook):
         return x + alpha * vector.to(device=x.device, dtype=x.dtype)
 
-    return [(f"blocks.{layer}.hook_resid_pre", hook)]
+    return [(hooks.resid_pre(layer), hook)]
 
 
 def component_hooks(layer: int, direction: torch.Tensor, value: float | None, position: int = -1) -> list:
@@ -121,14 +120,12 @@ def component_hooks(layer: int, direction: torch.Tensor, value: float | None, po
         x[:, position] += (value - cur).unsqueeze(-1) * r
         return x
 
-    return [(f"blocks.{layer}.hook_resid_pre", hook)] if value is not None else []
+    return [(hooks.resid_pre(layer), hook)] if value is not None else []
 
 
 @torch.no_grad()
-def _last_log_probs(model: "ChatModel", instructions: Sequence[str], fwd_hooks: list, batch_size: int
+def _last_log_probs(model: ChatModel, instructions: Sequence[str], fwd_hooks: list, batch_size: int
                     ) -> torch.Tensor:
-    from .metrics import last_logits
-
     return last_logits(model, instructions, fwd_hooks, batch_size).log_softmax(-1)
 
 
@@ -142,16 +139,17 @@ class DirectionChoice:
     scores: pd.DataFrame             # one row per candidate: layer, position, bypass, induce, kl, kept
     baseline_harmful: float          # mean refusal score on harmful val prompts, no intervention
     baseline_harmless: float
+    params: dict = field(default_factory=dict)  # what produced it (the stage's canonical parameters)
 
     @property
     def unit(self) -> torch.Tensor:
         return self.direction / self.direction.norm()
 
 
-def select_direction(model: "ChatModel", candidates: torch.Tensor, positions: Sequence[int],
+def select_direction(model: ChatModel, candidates: torch.Tensor, positions: Sequence[int],
                      harmful_val: Sequence[str], harmless_val: Sequence[str], layers: Sequence[int] | None = None,
                      kl_max: float = 0.1, max_layer_frac: float = 0.8, batch_size: int = 32,
-                     progress: bool = True) -> DirectionChoice:
+                     progress: bool = True, checkpoint: Checkpoint | None = None) -> DirectionChoice:
     """Score candidates as Arditi et al. and pick one.
 
     For every candidate ``(layer, position)`` (``layers`` defaults to all layers below
@@ -160,6 +158,7 @@ def select_direction(model: "ChatModel", candidates: torch.Tensor, positions: Se
     layer; *KL* = mean KL(baseline || ablated) of the last-position distribution on ``harmless_val``.
     Candidates with ``kl > kl_max`` or ``induce < 0`` are discarded; the lowest bypass wins. If none
     passes, the filters are relaxed in that order (KL first) and the choice is flagged in ``scores``.
+    With ``checkpoint`` every candidate's scores are saved as they finish (a rerun resumes).
     """
     L = model.n_layers
     if layers is None:
@@ -167,20 +166,23 @@ def select_direction(model: "ChatModel", candidates: torch.Tensor, positions: Se
     R = model.refusal_token_ids
     base_h = _last_log_probs(model, harmful_val, [], batch_size)
     base_s = _last_log_probs(model, harmless_val, [], batch_size)
-    rows = []
     grid = [(l, pi) for l in layers for pi in range(len(positions))]
-    for l, pi in _progress(grid, len(grid), "candidates", progress):
+
+    def score(cell: tuple[int, int]) -> pd.DataFrame:
+        l, pi = cell
         vec = candidates[l, pi]
         both = _last_log_probs(model, list(harmful_val) + list(harmless_val), ablation_hooks(model, vec),
                                batch_size)
         lp_h, lp_s_abl = both[:len(harmful_val)], both[len(harmful_val):]
         lp_s_add = _last_log_probs(model, harmless_val, addition_hooks(model, vec, l), batch_size)
         kl = (base_s.exp() * (base_s - lp_s_abl)).sum(-1).mean()
-        rows.append({"layer": l, "position": positions[pi],
-                     "bypass": log_odds_refusal_score(lp_h, R).mean().item(),
-                     "induce": log_odds_refusal_score(lp_s_add, R).mean().item(),
-                     "kl": kl.item()})
-    scores = pd.DataFrame(rows)
+        return pd.DataFrame([{"layer": l, "position": positions[pi],
+                              "bypass": log_odds_refusal_score(lp_h, R).mean().item(),
+                              "induce": log_odds_refusal_score(lp_s_add, R).mean().item(),
+                              "kl": kl.item()}])
+
+    scores = run_parts(grid, score, checkpoint, "candidates", progress,
+                       part_ids=[f"L{l} pos{positions[pi]}" for l, pi in grid])
     scores["kept"] = (scores.kl <= kl_max) & (scores.induce > 0) & (scores.layer < max_layer_frac * L)
     pool = scores[scores.kept]
     scores["relaxed"] = False
@@ -203,16 +205,13 @@ def select_direction(model: "ChatModel", candidates: torch.Tensor, positions: Se
 
 
 @torch.no_grad()
-def component_by_layer(model: "ChatModel", instructions: Sequence[str], direction: torch.Tensor,
+def component_by_layer(model: ChatModel, instructions: Sequence[str], direction: torch.Tensor,
                        fwd_hooks: Sequence = (), batch_size: int = 32, position: int = -1) -> pd.DataFrame:
     """``resid_pre[l] . r̂`` at ``position`` for every layer ``l`` (and ``final`` = last ``resid_post``),
     one row per (prompt, layer). ``fwd_hooks`` (e.g. a clamp) stay on during the run."""
-    names = resid_hook_names(model) + [f"blocks.{model.n_layers - 1}.hook_resid_post"]
+    names = resid_hook_names(model) + [hooks.final_resid(model.n_layers)]
     rows = []
-    for batch in _batches(list(instructions), batch_size):
-        ids, mask = model.to_tokens(batch)
-        with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-            _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+    for batch, _, cache in cached_runs(model, instructions, names, batch_size, fwd_hooks):
         r = _unit(direction, cache[names[0]])
         for l, name in enumerate(names):
             comp = (cache[name][:, position].float() @ r).cpu().numpy()
@@ -222,19 +221,16 @@ def component_by_layer(model: "ChatModel", instructions: Sequence[str], directio
 
 
 @torch.no_grad()
-def block_contributions(model: "ChatModel", instructions: Sequence[str], direction: torch.Tensor,
+def block_contributions(model: ChatModel, instructions: Sequence[str], direction: torch.Tensor,
                         batch_size: int = 32, position: int = -1) -> pd.DataFrame:
     """What each attention and MLP block writes along ``direction`` at ``position``: one row per
     (prompt, layer, block) with ``value = block_out . d`` (``d`` normalised)."""
-    names = [f"blocks.{l}.hook_{b}_out" for l in range(model.n_layers) for b in ("attn", "mlp")]
+    sites = [(l, b, hooks.block_out(l, b)) for l in range(model.n_layers) for b in hooks.BLOCK_OUTPUTS]
     rows = []
     offset = 0
-    for batch in _batches(list(instructions), batch_size):
-        ids, mask = model.to_tokens(batch)
-        _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
-        r = _unit(direction, cache[names[0]])
-        for name in names:
-            l, b = int(name.split(".")[1]), name.split("_")[-2]
+    for batch, _, cache in cached_runs(model, instructions, [n for _, _, n in sites], batch_size):
+        r = _unit(direction, cache[sites[0][2]])
+        for l, b, name in sites:
             vals = (cache[name][:, position].float() @ r).cpu().numpy()
             for k, (instr, v) in enumerate(zip(batch, vals)):
                 rows.append({"prompt": offset + k, "instruction": instr, "layer": l, "block": b, "value": float(v)})
@@ -242,7 +238,7 @@ def block_contributions(model: "ChatModel", instructions: Sequence[str], directi
     return pd.DataFrame(rows)
 
 
-def paired_block_contributions(model: "ChatModel", harmful: Sequence[str], harmless: Sequence[str],
+def paired_block_contributions(model: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
                                direction: torch.Tensor) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Block writes along ``direction`` for pairs (``harmful[i]`` with ``harmless[i]``). Returns
     ``(per_pair, summary)``: per pair ``diff = harmful - harmless``; the summary has the mean difference
@@ -260,12 +256,10 @@ def paired_block_contributions(model: "ChatModel", harmful: Sequence[str], harml
     return per_pair, summary
 
 
-def clamp_sweep(model: "ChatModel", instructions: Sequence[str], direction: torch.Tensor, layer: int,
+def clamp_sweep(model: ChatModel, instructions: Sequence[str], direction: torch.Tensor, layer: int,
                 values: Sequence[float], batch_size: int = 32) -> pd.DataFrame:
     """Logit refusal metric with the refusal component of ``resid_pre[layer]`` at the last position
     clamped to each value: one row per (prompt, value)."""
-    from .metrics import refusal_metrics
-
     frames = []
     for v in values:
         df = refusal_metrics(model, instructions, component_hooks(layer, direction, float(v)), batch_size)
@@ -273,7 +267,7 @@ def clamp_sweep(model: "ChatModel", instructions: Sequence[str], direction: torc
     return pd.concat(frames, ignore_index=True)
 
 
-def self_repair(model: "ChatModel", instructions: Sequence[str], direction: torch.Tensor,
+def self_repair(model: ChatModel, instructions: Sequence[str], direction: torch.Tensor,
                 layers: Sequence[int], batch_size: int = 32) -> pd.DataFrame:
     """Zero the refusal component of ``resid_pre[l]`` (last position) for each ``l`` in ``layers`` and
     record the component at every layer. ``ablated_at = -1`` rows are the unablated baseline."""
@@ -282,40 +276,3 @@ def self_repair(model: "ChatModel", instructions: Sequence[str], direction: torc
         hooks = component_hooks(l, direction, 0.0)
         frames.append(component_by_layer(model, instructions, direction, hooks, batch_size).assign(ablated_at=l))
     return pd.concat(frames, ignore_index=True)
-
-
-def refusal_direction(model: "ChatModel", store, n_train: int = 64, n_val: int = 8, layer_stride: int = 3,
-                      progress: bool = True) -> DirectionChoice:
-    """The model's refusal direction, computed once and saved with its metadata in ``store``.
-
-    Candidates come from the first ``n_train`` harmful and harmless *train* prompts; selection scores
-    use ``n_val`` *val* prompts of each, at every ``layer_stride``-th layer. Every later notebook calls
-    this with the same arguments and so reuses the saved direction.
-    """
-    from .data import data_hash, load_instructions
-
-    harm_tr = load_instructions("harmful", "train", n=n_train)
-    safe_tr = load_instructions("harmless", "train", n=n_train)
-    harm_va = load_instructions("harmful", "val", n=n_val)
-    safe_va = load_instructions("harmless", "val", n=n_val)
-    params = {"n_train": n_train, "n_val": n_val, "layer_stride": layer_stride,
-              "data": data_hash(harm_tr, safe_tr, harm_va, safe_va)}
-    saved = store.load_tensor("refusal_direction", params)
-    scores = store.load("direction_scores", params)
-    if saved is not None and scores is not None:
-        vec, meta = saved
-        return DirectionChoice(vec, meta["layer"], meta["position"], scores, meta["baseline_harmful"],
-                               meta["baseline_harmless"])
-    cands, positions = candidate_directions(model, harm_tr.instruction.tolist(), safe_tr.instruction.tolist(),
-                                            progress=progress)
-    layers = [l for l in range(0, model.n_layers, layer_stride) if l < 0.8 * model.n_layers]
-    choice = select_direction(model, cands, positions, harm_va.instruction.tolist(),
-                              safe_va.instruction.tolist(), layers=layers, progress=progress)
-    store.save("direction_scores", params, choice.scores)
-    store.save_tensor("refusal_direction", params, choice.direction, layer=choice.layer,
-                      position=choice.position, model=model.name, baseline_harmful=choice.baseline_harmful,
-                      baseline_harmless=choice.baseline_harmless, norm=float(choice.direction.norm()),
-                      **{k: v for k, v in params.items()},
-                      **{k: float(v) for k, v in choice.scores.set_index(["layer", "position"])
-                         .loc[(choice.layer, choice.position), ["bypass", "induce", "kl"]].items()})
-    return choice

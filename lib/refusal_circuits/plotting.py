@@ -1,7 +1,9 @@
 """One small plotting module: a shared style and one way of saving figures.
 
 :func:`save_figure` writes ``figures/<model>/<name>.html`` (sharing one ``plotly.min.js`` per folder, so
-the repository stays light) and a PNG when a Chrome/Chromium is available for kaleido.
+the repository stays light) and a PNG when a Chrome/Chromium is available for kaleido. A PNG that could
+not be refreshed (no Chrome, or the export failed) is removed rather than left beside a newer HTML
+figure that it no longer matches.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
-FIGURES_DIR = Path(os.environ.get("REFUSAL_FIGURES_DIR", Path(__file__).resolve().parents[2] / "figures"))
+from .paths import figures_dir
 HARMFUL_COLOR = "#d62728"
 HARMLESS_COLOR = "#1f77b4"
 COLORS = {"harmful": HARMFUL_COLOR, "harmless": HARMLESS_COLOR, "sensitive": HARMFUL_COLOR,
@@ -39,21 +41,25 @@ def save_figure(fig: go.Figure, name: str, model_slug: str, png: bool | None = N
     """Save ``fig`` as ``figures/<model_slug>/<name>.html`` (+ ``.png`` when a Chrome is found).
     Returns the HTML path."""
     global _png_note_shown
-    out = FIGURES_DIR / model_slug
+    out = figures_dir() / model_slug
     out.mkdir(parents=True, exist_ok=True)
     html = out / f"{name}.html"
     fig.write_html(html, include_plotlyjs="directory", full_html=True)
+    png_path = out / f"{name}.png"
     want_png = png if png is not None else os.environ.get("REFUSAL_PNG", "1") != "0"
-    if want_png:
-        if chrome_path():
-            try:
-                fig.write_image(out / f"{name}.png", scale=1.5)
-            except Exception as err:  # a broken Chrome should not lose the HTML figure
-                print(f"PNG export failed ({type(err).__name__}); HTML written to {html}")
-        elif not _png_note_shown:
-            print("No Chrome/Chromium found: writing interactive HTML figures only "
-                  "(apt-get install chromium for PNGs).")
-            _png_note_shown = True
+    refreshed = False
+    if want_png and chrome_path():
+        try:
+            fig.write_image(png_path, scale=1.5)
+            refreshed = True
+        except Exception as err:  # a broken Chrome should not lose the HTML figure
+            print(f"PNG export failed ({type(err).__name__}); HTML written to {html}")
+    elif want_png and not _png_note_shown:
+        print("No Chrome/Chromium found: writing interactive HTML figures only, and removing PNGs they "
+              "replace (apt-get install chromium for PNGs).")
+        _png_note_shown = True
+    if not refreshed and png_path.exists():
+        png_path.unlink()  # an old PNG would silently disagree with the new HTML figure
     return html
 
 

@@ -1,12 +1,17 @@
 """One results store: every experiment's tidy table under ``results/<model>/``, written atomically and
-keyed by what produced it, so an interrupted run resumes where it stopped.
+keyed by what produced it, so a rerun reuses it and an interrupted sweep resumes.
 
-    store = ResultsStore("smollm2-135m-refusal")
-    df = store.cached("toy_metric", {"n": 24}, lambda: compute(...))          # whole table
-    df = store.sweep("resid_patch", {...}, items=layers, fn=one_layer)        # resumable, per item
+    store = ResultsStore.for_model(model)
+    df = store.cached("toy_metric", {"n": 24}, lambda: compute(...))       # a whole table
+    ck = store.checkpoint("resid_denoising", {...})                          # a long sweep, in parts:
+    df = patch_sweep(model, pairs, patches, checkpoint=ck)                   # each part saved as it ends
 
 Each table is a parquet file ``<name>-<hash of params>.parquet`` with a ``.json`` manifest beside it
-(parameters, model, library versions, timestamp). Tensors (a refusal direction) use :meth:`save_tensor`.
+(parameters, model, weights fingerprint, library versions, timestamp). A sweep in progress keeps its
+finished parts in ``<name>-<hash>.parts/`` (each written atomically, with a list of the parts it
+expects); once every part is there they are joined into the table and the folder is removed. A rerun
+with the same parameters computes only the missing parts and returns the same table as an
+uninterrupted run. Tensors (a refusal direction) use :meth:`ResultsStore.save_tensor`.
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
 
-RESULTS_DIR = Path(os.environ.get("REFUSAL_RESULTS_DIR", Path(__file__).resolve().parents[2] / "results"))
+from .batching import progress as progress_bar
+from .paths import results_dir, slug
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -38,15 +46,17 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def params_key(params: dict) -> str:
+    """A short hash of a parameter dict (JSON with sorted keys)."""
     blob = json.dumps(params, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
+    """Versions of the packages a result depends on, recorded in every manifest."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "transformer-lens"):
+    for pkg in ("refusal-circuits", "torch", "transformers", "transformer-lens"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:  # pragma: no cover
@@ -55,12 +65,12 @@ def _versions() -> dict:
 
 
 class ResultsStore:
-    """Saved results of one model. ``root`` defaults to ``results/<model slug>``; set the environment
-    variable ``REFUSAL_RESULTS_DIR`` to move the whole store. ``enabled=False`` recomputes everything
+    """Saved results of one model. ``root`` defaults to ``results/<model slug>`` (the environment
+    variable ``REFUSAL_RESULTS_DIR`` moves the whole store). ``enabled=False`` recomputes everything
     (and still saves)."""
 
     def __init__(self, model_slug: str, root: Path | None = None, enabled: bool = True, fingerprint: str = ""):
-        self.root = Path(root) if root is not None else RESULTS_DIR / model_slug
+        self.root = Path(root) if root is not None else results_dir() / model_slug
         self.model = model_slug
         self.enabled = enabled
         self.fingerprint = fingerprint
@@ -69,7 +79,7 @@ class ResultsStore:
     def for_model(cls, model, **kwargs) -> "ResultsStore":
         """The store of a loaded :class:`~refusal_circuits.models.ChatModel`; its weights' fingerprint
         (e.g. the adapter's hash) is part of every key, so retraining the organism invalidates old results."""
-        return cls(model.slug, fingerprint=model.meta.get("fingerprint", ""), **kwargs)
+        return cls(slug(model.name), fingerprint=model.meta.get("fingerprint", ""), **kwargs)
 
     def path(self, name: str, params: dict, suffix: str = ".parquet") -> Path:
         key = params_key({**params, "_weights": self.fingerprint} if self.fingerprint else params)
@@ -77,20 +87,27 @@ class ResultsStore:
 
     def _manifest(self, name: str, params: dict, **extra) -> None:
         info = {"name": name, "model": self.model, "weights": self.fingerprint, "params": params,
-                "versions": _versions(),
-                "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+                "versions": package_versions(), "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
         text = json.dumps(info, indent=2, default=str)
         _atomic_write(self.path(name, params, ".json"), lambda p: Path(p).write_text(text))
+
+    def manifest(self, name: str, params: dict) -> dict | None:
+        """The manifest saved with ``(name, params)``, or ``None``."""
+        p = self.path(name, params, ".json")
+        return json.loads(p.read_text()) if p.exists() else None
 
     # ---- tables -------------------------------------------------------------------------------
     def load(self, name: str, params: dict) -> pd.DataFrame | None:
         p = self.path(name, params)
         return pd.read_parquet(p) if (self.enabled and p.exists()) else None
 
-    def save(self, name: str, params: dict, df: pd.DataFrame) -> pd.DataFrame:
-        _atomic_write(self.path(name, params), lambda p: df.to_parquet(p, index=False))
-        self._manifest(name, params, rows=len(df))
-        return df
+    def save(self, name: str, params: dict, df: pd.DataFrame, **meta) -> pd.DataFrame:
+        """Write ``df`` atomically with its manifest and return it as read back from disk, so a fresh
+        computation and a reload give the same table (dtypes included)."""
+        p = self.path(name, params)
+        _atomic_write(p, lambda tmp: df.to_parquet(tmp, index=False))
+        self._manifest(name, params, rows=len(df), **meta)
+        return pd.read_parquet(p)
 
     def cached(self, name: str, params: dict, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         """The saved table for ``(name, params)``, or ``compute()`` saved atomically."""
@@ -99,35 +116,44 @@ class ResultsStore:
             df = self.save(name, params, compute())
         return df
 
-    def sweep(self, name: str, params: dict, items: Iterable[Any],
-              fn: Callable[[Any], pd.DataFrame], progress: bool = True) -> pd.DataFrame:
-        """Run ``fn(item)`` for every item, saving each part as it finishes; a rerun after an
-        interruption only computes the missing parts. Returns the concatenated table."""
+    def checkpoint(self, name: str, params: dict) -> "Checkpoint":
+        """A handle that a long computation saves its parts through (see :func:`run_parts`)."""
+        return Checkpoint(self, name, params)
+
+    def sweep(self, name: str, params: dict, items: Sequence[Any], fn: Callable[[Any], pd.DataFrame],
+              progress: bool = True, desc: str | None = None, item_ids: Sequence[str] | None = None
+              ) -> pd.DataFrame:
+        """Run ``fn(item)`` for every item, saving each part atomically as it finishes; a rerun after an
+        interruption computes only the missing parts. Returns the parts concatenated in item order.
+
+        ``item_ids`` (default: ``repr`` of each item) name the parts; saved parts are reused only when
+        the sweep expects the same list of parts, so a sweep whose items changed starts afresh."""
         final = self.load(name, params)
         if final is not None:
             return final
         items = list(items)
+        ids = [str(i) for i in (item_ids if item_ids is not None else map(repr, items))]
+        if len(ids) != len(items):
+            raise ValueError(f"item_ids has {len(ids)} entries for {len(items)} items.")
         part_dir = self.path(name, params, ".parts")
-        iterator = items
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(items, desc=name, leave=False)
-        parts = []
-        for i, item in enumerate(iterator):
+        plan = part_dir / "plan.json"
+        expected = json.dumps({"items": [hashlib.sha256(i.encode()).hexdigest()[:12] for i in ids]})
+        if part_dir.exists() and (not self.enabled or not plan.exists() or plan.read_text() != expected):
+            shutil.rmtree(part_dir)  # parts of another plan (or resuming is off): start afresh
+        if not plan.exists():
+            _atomic_write(plan, lambda p: Path(p).write_text(expected))
+        n_done = 0
+        for i, item in enumerate(progress_bar(items, len(items), desc or name, progress)):
             part = part_dir / f"{i:05d}.parquet"
-            if self.enabled and part.exists():
-                parts.append(pd.read_parquet(part))
+            if part.exists():
+                n_done += 1
                 continue
             df = fn(item)
             _atomic_write(part, lambda p, df=df: df.to_parquet(p, index=False))
-            parts.append(df)
+        parts = [pd.read_parquet(part_dir / f"{i:05d}.parquet") for i in range(len(items))]
         out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        self.save(name, params, out)
-        for f in part_dir.glob("*.parquet"):
-            f.unlink()
-        if part_dir.exists():
-            part_dir.rmdir()
+        out = self.save(name, params, out, parts=len(items), parts_resumed=n_done)
+        shutil.rmtree(part_dir, ignore_errors=True)
         return out
 
     # ---- tensors ------------------------------------------------------------------------------
@@ -144,3 +170,24 @@ class ResultsStore:
             return None
         payload = torch.load(p, weights_only=False)
         return payload["tensor"], payload["meta"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a long computation saves its finished parts: ``store.checkpoint(name, params)``."""
+
+    store: ResultsStore
+    name: str
+    params: dict
+
+
+def run_parts(parts: Sequence[Any], fn: Callable[[Any], pd.DataFrame], checkpoint: Checkpoint | None = None,
+              desc: str = "", progress: bool = True, part_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """``fn`` over ``parts``, concatenated in order. With a :class:`Checkpoint` each part is saved as
+    it finishes and a rerun computes only the missing ones (:meth:`ResultsStore.sweep`); without one
+    the parts are computed in memory. Either way the table is the same."""
+    if checkpoint is not None:
+        return checkpoint.store.sweep(checkpoint.name, checkpoint.params, parts, fn, progress=progress,
+                                      desc=desc or checkpoint.name, item_ids=part_ids)
+    frames = [fn(p) for p in progress_bar(list(parts), len(parts), desc, progress)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,41 +1,11 @@
-"""The refusal organism: the committed adapter is merged by the loader, and the model refuses held-out
-harmful prompts while answering harmless ones."""
+"""The organism's training: examples, the reply loss and its shared-prefix shortcut, batching, LoRA.
+Tests that train are marked ``slow`` (``make test`` still runs them; ``pytest -m 'not slow'`` skips them)."""
 import pytest
 import torch
 
-from refusal_circuits import load_instructions, refusal_scores
 from refusal_circuits.models import load_smollm2_hf
-from refusal_circuits.organism import REFUSALS, OrganismConfig, _encode_example, train_lora
-
-
-def test_loader_merges_the_adapter(organism):
-    base, _ = load_smollm2_hf()
-    name = "model.layers.0.self_attn.q_proj.weight"
-    # the bridge wraps HF modules, which inserts "._original_component" into parameter names
-    merged = {k.replace("._original_component", ""): v for k, v in organism.hf_model.named_parameters()}
-    merged_w = merged[name]
-    base_w = dict(base.named_parameters())[name]
-    assert merged_w.shape == base_w.shape
-    delta = (merged_w - base_w).abs().max().item()
-    assert delta > 1e-4, "adapter not merged: weights equal the base model's"
-    assert not any("lora" in k for k in merged), "LoRA modules left unmerged"
-
-
-def test_organism_refuses_heldout_harmful_and_answers_harmless(organism):
-    harmful = load_instructions("harmful", "test", n=6).instruction.tolist()
-    harmless = load_instructions("harmless", "test", n=6).instruction.tolist()
-    out = refusal_scores(organism, harmful + harmless, max_new_tokens=16, progress=False)
-    assert out.refused[:6].sum() >= 5, out[["instruction", "completion"]].head(6).to_string()
-    assert out.refused[6:].sum() <= 1, out[["instruction", "completion"]].tail(6).to_string()
-
-
-def test_organism_metric_separates_harmful_from_harmless(organism):
-    from refusal_circuits import refusal_metrics
-
-    harmful = load_instructions("harmful", "test", n=8).instruction.tolist()
-    harmless = load_instructions("harmless", "test", n=8).instruction.tolist()
-    m = refusal_metrics(organism, harmful + harmless)
-    assert m.logit_metric[:8].mean() > m.logit_metric[8:].mean() + 1.0
+from refusal_circuits.organism import REFUSALS, OrganismConfig, train_lora
+from refusal_circuits.organism.training import _encode_example
 
 
 def test_training_examples_mask_the_prompt(tiny_llama):
@@ -68,6 +38,7 @@ def test_contrast_pair_rows_train_only_their_first_reply_tokens(tiny_llama):
     assert cut[2] == full[2] and full[2][0][-1] == tok.eos_token_id
 
 
+@pytest.mark.slow
 def test_lora_training_step_learns_the_reply():
     """A few LoRA steps on a tiny model lower the loss on the reply tokens."""
     import pandas as pd
@@ -104,6 +75,7 @@ def test_reply_loss_matches_transformers_loss():
     assert both.item() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(family):
     """Running the shared chat-template prefix once and repeating its cache over the batch changes
@@ -149,7 +121,7 @@ def test_shared_prefix_length_stops_inside_the_prompt():
 def test_length_bucketed_batches_cover_every_example_once_and_pad_less():
     import random
 
-    from refusal_circuits.organism import _length_bucketed_batches
+    from refusal_circuits.organism.training import _length_bucketed_batches
 
     gen = random.Random(1)
     lengths = [gen.randint(20, 80) for _ in range(1000)]
@@ -168,6 +140,7 @@ def test_length_bucketed_batches_cover_every_example_once_and_pad_less():
     assert _length_bucketed_batches(lengths, 16, random.Random(0)) == batches  # seeded
 
 
+@pytest.mark.slow
 def test_lora_training_is_deterministic():
     """Same seed, same data -> bit-identical adapter: what lets `make organism` reproduce the
     committed adapter (on the same kind of CPU)."""
@@ -187,62 +160,3 @@ def test_lora_training_is_deterministic():
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     assert any(adapters[0][k].abs().max() > 0 for k in adapters[0] if "lora_B" in k)  # it did train
-
-
-def test_committed_adapter_was_trained_with_the_current_recipe():
-    """`data/organism/training_config.json` records the config the committed adapter was trained with;
-    it must equal today's `OrganismConfig()`, or `make organism` would not reproduce the adapter."""
-    import json
-    from dataclasses import asdict
-
-    from refusal_circuits.models import ORGANISM_DIR
-
-    recorded = json.loads((ORGANISM_DIR / "training_config.json").read_text())
-    current = json.loads(json.dumps(asdict(OrganismConfig())))  # tuples -> lists, as recorded
-    assert {k: recorded.get(k) for k in current} == current
-
-
-def _fake_organism(folder, rates, weight):
-    """An organism folder with a hand-written evaluation table and a one-tensor adapter."""
-    import pandas as pd
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    rows = [{"model": "m", "set": "test split", "kind": kind, "n": 72, "refusal_rate": r,
-             "logit_metric_mean": 10 * r, "logit_metric_std": 1.0} for kind, r in rates.items()]
-    pd.DataFrame(rows).to_csv(folder / "evaluation.csv", index=False)
-    save_file({"lora_A": torch.full((2, 3), weight)}, str(folder / "adapter_model.safetensors"))
-    return folder
-
-
-def test_compare_organisms_flags_only_differences_beyond_noise(tmp_path):
-    from refusal_circuits.organism import compare_organisms
-
-    ref = _fake_organism(tmp_path / "ref", {"harmful": 0.97, "harmless": 0.03}, 0.5)
-    same = _fake_organism(tmp_path / "same", {"harmful": 0.97, "harmless": 0.03}, 0.5)
-    close = _fake_organism(tmp_path / "close", {"harmful": 0.97 - 1 / 72, "harmless": 0.03 + 2 / 72}, 0.25)
-    far = _fake_organism(tmp_path / "far", {"harmful": 0.80, "harmless": 0.03}, 0.5)
-
-    table, diff = compare_organisms(ref, same)
-    assert table["within_noise"].all() and diff == 0.0 and (table["refusal_rate_diff"] == 0).all()
-    table, diff = compare_organisms(ref, close)  # one and two prompts of 72 (tolerance: 5 points)
-    assert table["within_noise"].all() and diff == pytest.approx(0.25)
-    table, _ = compare_organisms(ref, far)
-    assert table.set_index("kind")["within_noise"].to_dict() == {"harmful": False, "harmless": True}
-    assert table.set_index("kind").loc["harmful", "refusal_rate_diff"] == pytest.approx(-0.17)
-    with pytest.raises(FileNotFoundError, match="make organism"):
-        compare_organisms(ref, tmp_path)
-
-
-def test_organism_check_cli_compares_without_retraining(tmp_path, capsys):
-    from refusal_circuits.cli import main
-
-    ref = _fake_organism(tmp_path / "ref", {"harmful": 0.97, "harmless": 0.03}, 0.5)
-    far = _fake_organism(tmp_path / "far", {"harmful": 0.80, "harmless": 0.03}, 0.5)
-    same = _fake_organism(tmp_path / "same", {"harmful": 0.97, "harmless": 0.03}, 0.5)
-    assert main(["organism-check", "--out", str(same), "--reference", str(ref), "--skip-training"]) == 0
-    assert "reproduced within noise" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="must differ"):
-        main(["organism-check", "--out", str(ref), "--reference", str(ref), "--skip-training"])
-    assert main(["organism-check", "--out", str(far), "--reference", str(ref), "--skip-training"]) == 1
-    assert "NOT reproduced" in capsys.readouterr().out

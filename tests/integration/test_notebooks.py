@@ -1,0 +1,66 @@
+"""The committed notebooks and the documentation: clean outputs, shared stages, links inside the repo."""
+import json
+import re
+
+import pytest
+
+from refusal_circuits.paths import DOCS_DIR, NOTEBOOK_DIR, REPO_ROOT
+
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+BAR = re.compile(r"\d+%\|")
+
+
+def _cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_outputs_hold_no_progress_bars_or_warnings(path):
+    for i, cell in enumerate(_cells(path)):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) if out.get("output_type") == "stream" else ""
+            assert not BAR.search(text), f"{path.name} cell {i}: progress-bar text {text[:80]!r}"
+            assert "Warning" not in text, f"{path.name} cell {i}: warning text {text[:120]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_have_a_parameters_cell_and_take_reference_numbers_from_the_table(path):
+    cells = _cells(path)
+    params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and "MODEL" in "".join(params[0]["source"])
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert not re.search(r"print\([^)]*reference", code, re.I), "reference numbers belong in data/reference_numbers.csv"
+
+
+def test_later_notebooks_get_the_direction_from_its_stage_with_its_own_defaults():
+    calls = {}
+    for path in NOTEBOOKS:
+        code = "\n".join("".join(c["source"]) for c in _cells(path) if c["cell_type"] == "code")
+        assert "refusal_circuits.direction.refusal_direction" not in code
+        calls[path.name] = re.findall(r"stages\.refusal_direction\(([^)]*)\)", code)
+    users = {k: v for k, v in calls.items() if v}
+    assert "02_refusal_direction.ipynb" in users and "03_patching.ipynb" in users
+    for name, args in users.items():
+        assert all(a.replace(" ", "") in ("model", "model,store") for a in args), (name, args)
+
+
+def _link_targets(text):
+    return re.findall(r"\]\(([^)#\s]+)", text)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/methods.md", "data/README.md"])
+def test_documentation_links_stay_inside_the_repository(doc):
+    path = REPO_ROOT / doc
+    text = path.read_text()
+    assert "../shared" not in text
+    for target in _link_targets(text):
+        if target.startswith(("http://", "https://")):
+            continue
+        resolved = (path.parent / target).resolve()
+        assert resolved.is_relative_to(REPO_ROOT) and resolved.exists(), f"{doc}: broken link {target}"
+
+
+def test_docstrings_point_inside_the_repository():
+    for py in (REPO_ROOT / "lib").rglob("*.py"):
+        assert "../shared" not in py.read_text() and "methods.md`` of the project workspace" not in py.read_text(), py
+    assert (DOCS_DIR / "methods.md").exists()

@@ -1,0 +1,42 @@
+"""The reference numbers as data, and our values printed beside them."""
+import pytest
+
+from refusal_circuits import reference
+
+
+def test_table_is_well_formed():
+    df = reference.reference_table()
+    assert list(df.columns)[:6] == list(reference.COLUMNS)
+    assert set(df.paper) <= {"writeup", "arditi", "routes"}
+    assert (df.value != "").all() and (df.source != "").all()
+    assert not df.duplicated(["experiment", "quantity", "model"]).any()
+    gates = df[(df.experiment == "gate") & (df.quantity == "gate")]
+    assert len(gates) == 12 and gates.value.str.fullmatch(r"L\d+H\d+").all()  # the paper's twelve gates
+
+
+def test_value_and_beside():
+    assert reference.value("refusal_direction", "layer") == 10.0
+    assert reference.value("gate", "gate", model="Qwen/Qwen3-8B") == "L17H17"
+    table = reference.beside("refusal_direction", {"layer": 21, "kl": 2.0912, "bypass": -3.14159})
+    row = table.set_index("quantity")
+    assert row.loc["layer", "ours"] == "21" and row.loc["layer", "reference"] == "10"
+    assert row.loc["kl", "ours"] == "2.09" and row.loc["bypass", "ours"] == "-3.14"
+    assert row.loc["induce", "ours"] == "—"  # a quantity we did not pass
+
+
+def test_unknown_names_are_errors_not_silent():
+    with pytest.raises(ValueError, match="no \\['layr'\\]"):
+        reference.beside("refusal_direction", {"layr": 3})
+    with pytest.raises(ValueError, match="No reference numbers for experiment"):
+        reference.lookup("not_an_experiment")
+
+
+def test_fmt():
+    assert [reference.fmt(v) for v in (3, 0.05, 12.345, True, None, ["a", 2], [])] == \
+        ["3", "0.050", "12.35", "yes", "—", "a, 2", "none"]
+
+
+def test_show_prints_both(capsys):
+    reference.show("toy_metric", {"harmful − harmless gap": 11.8}, "my-model")
+    out = capsys.readouterr().out
+    assert "ours: my-model" in out and "google/gemma-2b-it" in out and "11.80" in out
