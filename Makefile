@@ -37,7 +37,7 @@ unit: venv
 	$(VENV)/bin/pytest -q tests
 
 nbval: venv
-	REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(CURDIR)/.nbval-figures \
+	REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(CURDIR)/.nbval-figures REFUSAL_PROGRESS=0 \
 	  $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider notebooks
 
 lab: venv

@@ -17,8 +17,8 @@ import re
 
 from transformer_lens.utilities.components_utils import get_act_name
 
-__all__ = ["act_name", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "pattern",
-           "final_resid", "layer_of", "BLOCK_OUTPUTS"]
+__all__ = ["act_name", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "block_out", "z",
+           "pattern", "final_resid", "final_norm_scale", "post_attn_norm_scale", "layer_of", "BLOCK_OUTPUTS"]
 
 act_name = get_act_name
 
@@ -64,6 +64,17 @@ def pattern(layer: int) -> str:
 def final_resid(n_layers: int) -> str:
     """The residual stream after the last block (before the final norm)."""
     return resid_post(n_layers - 1)
+
+
+def final_norm_scale() -> str:
+    """The final norm's scale (``[batch, pos, 1]``: the RMS, or the standard deviation for LayerNorm)."""
+    return "ln_final.hook_scale"
+
+
+def post_attn_norm_scale(layer: int) -> str:
+    """The scale of the norm applied to the attention output before it joins the residual stream, on
+    models that have one (Gemma-2, GLM-4: the bridge's ``ln1_post``)."""
+    return f"blocks.{layer}.ln1_post.hook_scale"
 
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")

@@ -162,3 +162,95 @@ def bars(df, x: str, value: str, group: str | None, title: str, x_label: str, y_
         fig.add_hline(y=hline, line_dash="dash", line_color="grey")
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, barmode="group")
     return fig
+
+
+CLASS_COLORS = {"direct": "#d62728", "diagonal": "#ff7f0e", "BOS": "#7f7f7f", "other": "#1f77b4"}
+
+
+def head_class_scatter(classes, threshold: float, title: str) -> go.Figure:
+    """Direct vs diagonal score of every head (mean, ±1 std error bars), coloured by class, with the
+    thresholds drawn; hover shows the head and its three scores."""
+    fig = go.Figure()
+    for cls, sub in classes.groupby("class", sort=False):
+        fig.add_trace(go.Scatter(
+            x=sub.direct_mean, y=sub.diagonal_mean, mode="markers", name=cls,
+            marker=dict(color=CLASS_COLORS.get(cls), size=8, opacity=0.8),
+            error_x=dict(array=sub.direct_std, thickness=0.6, width=0),
+            error_y=dict(array=sub.diagonal_std, thickness=0.6, width=0),
+            customdata=sub[["label", "direct_mean", "diagonal_mean", "BOS_mean"]].values,
+            hovertemplate="%{customdata[0]}<br>direct %{customdata[1]:.3f}<br>diagonal %{customdata[2]:.3f}"
+                          "<br>BOS %{customdata[3]:.3f}<extra>" + cls + "</extra>"))
+    fig.add_vline(x=threshold, line_dash="dash", line_color="grey")
+    fig.add_hline(y=threshold, line_dash="dash", line_color="grey")
+    fig.update_layout(title=title, xaxis_title="direct score (last position → subject)",
+                      yaxis_title="diagonal score (attention to the previous position)")
+    return fig
+
+
+def pattern_grid(model, pairs, heads, pair: int = 0, half: str = "harmful", title: str = "") -> go.Figure:
+    """Attention patterns of some heads on one prompt: one heatmap per ``(class, (layer, head))``, the
+    query position on the vertical axis and the key position on the horizontal one, labelled by token."""
+    import torch
+    from plotly.subplots import make_subplots
+
+    from . import hooks
+
+    if not heads:
+        return go.Figure().update_layout(title=(title or "Attention patterns") + " (no heads to show)")
+    toks = pairs.tokens_a[pair] if half == "harmful" else pairs.tokens_b[pair]
+    labels = [f"{i}:{model.tokenizer.decode([t])!r}"[:18] for i, t in enumerate(toks.tolist())]
+    subject = int(pairs.pairs.subject_pos.iloc[pair])
+    names = sorted({hooks.pattern(l) for _, (l, _) in heads})
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(toks[None], names_filter=lambda n: n in names)
+    cols = min(3, len(heads))
+    rows = -(-len(heads) // cols)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.12, vertical_spacing=0.12,
+                        subplot_titles=[f"{c}: L{l}H{h}" for c, (l, h) in heads])
+    for k, (cls, (l, h)) in enumerate(heads):
+        a = cache[hooks.pattern(l)][0, h].float().cpu().numpy()
+        fig.add_trace(go.Heatmap(z=a, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, showscale=k == 0,
+                                 hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra>"
+                                               f"L{l}H{h}</extra>"), row=k // cols + 1, col=k % cols + 1)
+        fig.update_yaxes(autorange="reversed", title_text="query position", row=k // cols + 1, col=k % cols + 1,
+                         tickfont=dict(size=7))
+        fig.update_xaxes(title_text=f"key position (subject: {labels[subject]})", row=k // cols + 1,
+                         col=k % cols + 1, tickfont=dict(size=7))
+    fig.update_layout(title=title, width=380 * cols + 120, height=380 * rows + 100)
+    return fig
+
+
+def null_histogram(null, observed: float, observed_name: str, title: str, x_label: str) -> go.Figure:
+    """A histogram of a null distribution with the observed value drawn as a vertical line."""
+    fig = go.Figure(go.Histogram(x=list(null), nbinsx=40, name="random directions", marker_color="#9aa5b1",
+                                 hovertemplate="%{x}<br>%{y} directions<extra></extra>"))
+    fig.add_vline(x=float(observed), line_color=HARMFUL_COLOR, line_width=3,
+                  annotation_text=f"{observed_name}: {observed:.2f}", annotation_position="top")
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title="count", showlegend=False)
+    return fig
+
+
+def cosine_histogram(cos, marked_ids, title: str) -> go.Figure:
+    """Histogram of per-token cosines (a ``token_id, token, cos`` table), the marked tokens (e.g. the
+    refusal tokens) drawn as vertical lines."""
+    fig = go.Figure(go.Histogram(x=cos["cos"], nbinsx=120, marker_color="#9aa5b1",
+                                 hovertemplate="cos %{x}<br>%{y} tokens<extra></extra>"))
+    marked = cos.set_index("token_id").loc[list(marked_ids)]
+    for tid, row in marked.iterrows():
+        fig.add_vline(x=float(row["cos"]), line_color=HARMFUL_COLOR, line_dash="dot",
+                      annotation_text=repr(row["token"]), annotation_position="top")
+    fig.update_layout(title=title, xaxis_title="cosine with the token's unembedding", yaxis_title="tokens",
+                      yaxis_type="log", showlegend=False)
+    return fig
+
+
+def singular_values(S, k: int, title: str) -> go.Figure:
+    """Singular values in descending order on a log scale, the bottom ``k`` shaded."""
+    n = len(S)
+    fig = go.Figure(go.Scatter(x=list(range(n)), y=[float(s) for s in S], mode="lines",
+                               hovertemplate="index %{x}<br>singular value %{y:.4f}<extra></extra>"))
+    fig.add_vrect(x0=n - k - 0.5, x1=n - 0.5, fillcolor=HARMFUL_COLOR, opacity=0.15, line_width=0,
+                  annotation_text=f"bottom {k}", annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title="singular value index (descending)", yaxis_title="singular value",
+                      yaxis_type="log")
+    return fig
