@@ -134,9 +134,9 @@ def bench_model(model, n_pairs: int, max_batch: int, device: str, heads_limit: i
             naive = []
             for l, h in heads:
                 def hook(z, hook, h=h, l=l):
-                    z[:, :, h] = clean_cache[f"blocks.{l}.attn.hook_z"][:, :, h]
+                    z[:, :, h] = clean_cache[rc.hooks.z(l)][:, :, h]
                     return z
-                naive.append(tl_metric(model.bridge.run_with_hooks(harmful, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)])).item())
+                naive.append(tl_metric(model.bridge.run_with_hooks(harmful, fwd_hooks=[(rc.hooks.z(l), hook)])).item())
             naive = torch.tensor(naive)
         else:
             naive = tlp.get_act_patch_attn_head_out_all_pos(model.bridge, harmful, clean_cache, tl_metric).flatten()
@@ -145,7 +145,7 @@ def bench_model(model, n_pairs: int, max_batch: int, device: str, heads_limit: i
     ours = torch.tensor(ours_df.groupby("label", sort=False).patched.mean().values)
     err = (ours - naive[: len(ours)].cpu()).abs().max().item()
     naive_fe = len(heads) * len(pairs)
-    patches = [P.Patch(f"L{l}H{h}", (P.Site(f"blocks.{l}.attn.hook_z", "all", h),)) for l, h in heads]
+    patches = [P.Patch(f"L{l}H{h}", (P.Site(rc.hooks.z(l), "all", h),)) for l, h in heads]
     ours_fe = forward_equivalents_engine(model, pairs, patches, max_batch)
     rows += [dict(task="head interchange", method="TL per-index loop" if not heads_limit else "hook loop",
                   seconds=t_naive.seconds, fwd_equiv=naive_fe, peak_mb=t_naive.mb),

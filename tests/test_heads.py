@@ -17,7 +17,7 @@ def _causal(rows):
 
 
 def test_direct_score_reads_last_query_to_subject_key_not_the_transpose():
-    T, subject = 5, 2
+    subject = 2
     rows = [[1, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0], [0.2, 0.2, 0.6, 0, 0], [0.25, 0.25, 0.25, 0.25, 0],
             [0.1, 0.1, 0.7, 0.05, 0.05]]
     p = _causal(rows)
@@ -174,3 +174,14 @@ def test_mean_z_hooks_set_the_last_positions(tiny_llama):
 def test_random_directions_are_seeded_unit_vectors():
     a, b = H.random_directions(5, 16, seed=1), H.random_directions(5, 16, seed=1)
     assert torch.equal(a, b) and torch.allclose(a.norm(dim=-1), torch.ones(5))
+
+
+def test_patched_generations_batch_across_lengths_like_one_pair_at_a_time(tiny_llama):
+    m = tiny_llama
+    pairs = align_pairs(m, load_toy_pairs().head(5))
+    assert len(pairs.length_groups()) > 1  # the batch mixes prompt lengths (left padding)
+    one = H.patched_generations(m, pairs, [(0, 1), (1, 3)], "denoising", max_new_tokens=4, batch_size=1)
+    many = H.patched_generations(m, pairs, [(0, 1), (1, 3)], "denoising", max_new_tokens=4, batch_size=5)
+    assert one.completion.tolist() == many.completion.tolist()
+    plain = H.patched_generations(m, pairs, [(0, 1)], "denoising", max_new_tokens=4, batch_size=5)
+    assert plain.pair_id.tolist() == list(pairs.pairs.pair_id)

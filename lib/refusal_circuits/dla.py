@@ -131,14 +131,17 @@ def logit_lens_dla(model: ChatModel, instructions: Sequence[str], direction: tor
                    position: int = -1, batch_size: int = 16) -> pd.DataFrame:
     """``norm_lin(resid_pre[l]) . p`` at ``position`` for every layer ``l`` and for the final residual
     (``layer = n_layers``), with the final-norm scale of each prompt's own final residual
-    (TransformerLens's ``accumulated_resid(apply_ln=True)`` times the norm weight). One row per (prompt,
+    (TransformerLens's ``accumulated_resid`` and ``apply_ln_to_stack``, times the norm weight). One row per (prompt,
     layer): ``prompt, instruction, layer, dla``, plus ``metric`` = the logit metric read from the logits
     (pullback direction only; equal to ``dla + bias_term(model)`` at the final layer)."""
     p = metric_direction(model, direction)
     norm = final_norm(model)
     rows, offset = [], 0
     for batch, logits, cache in cached_runs(model, instructions, _lens_hook, batch_size):
-        stack = cache.accumulated_resid(layer=None, incl_mid=False, pos_slice=position, apply_ln=True)
+        # accumulated_resid(apply_ln=True) on the bridge does not use the scale of `position` (checked on
+        # the organism: its final entry is off by 13.6 from ln_final.hook_normalized); apply_ln_to_stack does
+        stack = cache.accumulated_resid(layer=None, incl_mid=False, pos_slice=position, apply_ln=False)
+        stack = cache.apply_ln_to_stack(stack, layer=None, pos_slice=position)
         dla = (stack.float().cpu() * norm.weight) @ p                          # [layer + 1, B]
         metric = (logit_refusal_metric(logits[:, position].float().cpu(), model.refusal_token_id)
                   if direction is None else None)

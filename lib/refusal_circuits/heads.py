@@ -178,32 +178,33 @@ def z_write_hooks(heads: Sequence[tuple[int, int]], source: dict[str, torch.Tens
 
 @torch.no_grad()
 def patched_generations(model: ChatModel, pairs: AlignedPairs, heads: Sequence[tuple[int, int]],
-                        mode: Mode = "noising", max_new_tokens: int = 32, checkpoint: Checkpoint | None = None
-                        ) -> pd.DataFrame:
+                        mode: Mode = "noising", max_new_tokens: int = 32, batch_size: int = 16,
+                        checkpoint: Checkpoint | None = None) -> pd.DataFrame:
     """Greedy completions of the target half of each pair with ``heads``' ``z`` taken from the other
     half, at every prompt position; the generated positions are left alone (the source prompt has no
     continuation to copy from). ``noising`` runs the harmful prompt with harmless activations,
-    ``denoising`` the reverse. One row per pair: ``pair_id, instruction, completion, refused``. With
-    ``checkpoint`` each length group is saved as it finishes."""
+    ``denoising`` the reverse. The two halves of a pair have the same token length, so with left
+    padding a batch of targets and its batch of sources line up position for position. One row per
+    pair: ``pair_id, instruction, completion, refused``. With ``checkpoint`` each batch is saved as it
+    finishes."""
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}.")
     if not heads:
         raise ValueError("No heads given to patch.")
     col_t, col_s = ("harmful", "harmless") if mode == "noising" else ("harmless", "harmful")
     names = sorted({hooks.z(l) for l, _ in heads})
-    groups = list(pairs.length_groups().items())
+    batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
 
-    def one_group(group):
-        n_tok, idx = group
-        a, b = pairs.batch(idx)
-        source = b if mode == "noising" else a
-        _, cache = model.bridge.run_with_cache(source, names_filter=lambda n: n in names)
-        fwd = z_write_hooks(heads, {n: cache[n] for n in names}, n_tok)
+    def one_batch(idx):
+        source, mask = model.to_tokens([pairs.pairs[col_s].iloc[i] for i in idx])
+        _, cache = model.bridge.run_with_cache(source, attention_mask=mask, names_filter=lambda n: n in names)
+        fwd = z_write_hooks(heads, {n: cache[n] for n in names}, source.shape[1])
         prompts = [pairs.pairs[col_t].iloc[i] for i in idx]
         out = refusal_scores(model, prompts, max_new_tokens, batch_size=len(idx), fwd_hooks=fwd, progress=False)
         return out.assign(pair_id=[pairs.pairs.pair_id.iloc[i] for i in idx])
 
-    df = run_parts(groups, one_group, checkpoint, f"generating ({mode})", part_ids=[str(n) for n, _ in groups])
+    df = run_parts(batches, one_batch, checkpoint, f"generating ({mode})",
+                   part_ids=[",".join(str(pairs.pairs.pair_id.iloc[i]) for i in idx) for idx in batches])
     return df[["pair_id", "instruction", "completion", "refused"]]
 
 

@@ -32,3 +32,19 @@ def test_organism_metric_separates_harmful_from_harmless(organism):
     harmless = load_instructions("harmless", "test", n=8).instruction.tolist()
     m = refusal_metrics(organism, harmful + harmless)
     assert m.logit_metric[:8].mean() > m.logit_metric[8:].mean() + 1.0
+
+
+def test_dla_through_the_frozen_final_norm_gives_the_organisms_metric(organism):
+    """On a real model the final norm's scale differs a lot between positions, so reading the wrong
+    position's scale (as TransformerLens's accumulated_resid(apply_ln=True) does on the bridge) fails here."""
+    import pytest
+
+    from refusal_circuits import dla as D
+
+    prompts = load_instructions("harmful", "test", n=3).instruction.tolist() + ["Hi"]
+    lens = D.logit_lens_dla(organism, prompts, batch_size=4)
+    final = lens[lens.layer == organism.n_layers]
+    assert (final.dla + D.bias_term(organism)).values == pytest.approx(final.metric.values, abs=1e-3)
+    comp = D.component_dla(organism, prompts, batch_size=4)
+    blocks = comp[comp.block != "head"].groupby("prompt").dla.sum()
+    assert blocks.values == pytest.approx(final.dla.values, abs=1e-3)

@@ -3,7 +3,6 @@ Tests that train are marked ``slow`` (``make test`` still runs them; ``pytest -m
 import pytest
 import torch
 
-from refusal_circuits.models import load_smollm2_hf
 from refusal_circuits.organism import REFUSALS, OrganismConfig, train_lora
 from refusal_circuits.organism.training import _encode_example
 
