@@ -3,6 +3,8 @@
     refusal-circuits refusal-rate --model NAME --prompts FILE.csv [--column instruction] [--max-new-tokens N]
     refusal-circuits organism [--out data/organism]
     refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
+    refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start]
+                            [--method exact] [--top-k K] [--device cpu|cuda|auto] [--dtype ...] [--seed S]
 
 Bad input (a model that is not here, a device this torch does not have, a missing column) ends with one
 ``error: ...`` line on stderr and exit status 2. Library warnings are silenced unless ``--verbose``.
@@ -76,6 +78,30 @@ def _organism_check(args) -> int:
     return 0 if ok else 1
 
 
+def _screen(args) -> int:
+    from .models import load_model
+    from .screen import gate_line, screen
+
+    pairs = Path(args.pairs)
+    if not pairs.exists():
+        raise SystemExit(f"error: pair file {pairs} does not exist.")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    manifest = screen(model, pairs, args.out, n_pairs=args.n_pairs, align=args.align, method=args.method,
+                      seed=args.seed, progress=not args.quiet,
+                      log=lambda msg: print(msg, file=sys.stderr))
+    import pandas as pd
+
+    table = pd.read_csv(Path(args.out) / "interchange.csv")
+    table["combined"] = table.necessity_pct + table.sufficiency_pct
+    top = table.sort_values("combined", ascending=False).head(args.top_k)
+    print(f"wrote {args.out}/interchange.csv, head_dla.csv, pairs.csv, manifest.json "
+          f"({manifest['n_pairs']} pairs, align={manifest['align']}, {manifest['timings_s']['total']:.0f} s)")
+    print(f"top {len(top)} heads by necessity % + sufficiency %: " + ", ".join(
+        f"L{r.layer}H{r.head} ({r.necessity_pct:.1f} + {r.sufficiency_pct:.1f})" for r in top.itertuples()))
+    print(gate_line(manifest))
+    return 0
+
+
 def _quiet_libraries() -> None:
     """No FutureWarnings or transformers chatter in the CLI's output (``--verbose`` keeps them)."""
     warnings.simplefilter("ignore")
@@ -122,12 +148,30 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_organism_check)
 
+    s = sub.add_parser("screen", help="find the gate head: exact interchange of every head (NLL metric) and "
+                                      "head DLA on matched pairs; writes DIR/interchange.csv, head_dla.csv, "
+                                      "manifest.json and resumes when restarted")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id in the cache, or a folder")
+    s.add_argument("--pairs", required=True, help="CSV with 'sensitive' and 'control' columns (optional pair_id, category)")
+    s.add_argument("--out", required=True, help="output folder (one per model)")
+    s.add_argument("--n-pairs", type=int, default=None, help="pairs to use, in a seeded order (default: all)")
+    s.add_argument("--align", choices=["end", "start"], default="end",
+                   help="position alignment: from the end (default) or the paper's from-the-start copy")
+    s.add_argument("--method", choices=["exact"], default="exact",
+                   help="exact batched interchange of every head (the attribution screen is not in this version)")
+    s.add_argument("--top-k", type=int, default=5, help="heads to list before the gate line")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_screen)
+
     args = parser.parse_args(argv)
     if not args.verbose:
         _quiet_libraries()
     try:
         return args.func(args)
-    except (ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (ModelLoadError, ValueError, FileNotFoundError) as err:  # PairsError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -189,7 +189,7 @@ def component_dla(model: ChatModel, instructions: Sequence[str], direction: torc
     p = metric_direction(model, direction)
     norm = final_norm(model)
     rows, offset = [], 0
-    for batch, _, cache in cached_runs(model, instructions, _component_hook, batch_size):
+    for batch, _, cache in cached_runs(model, instructions, needed_for_components, batch_size):
         stack, labels = cache.decompose_resid(layer=None, pos_slice=position, return_labels=True)
         normed = cache.apply_ln_to_stack(stack, layer=None, pos_slice=position).float().cpu()
         dla = (normed * norm.weight) @ p                                         # [component, B]
@@ -210,7 +210,7 @@ def component_dla(model: ChatModel, instructions: Sequence[str], direction: torc
     return pd.DataFrame(rows)
 
 
-def _component_hook(name: str) -> bool:
+def needed_for_components(name: str) -> bool:
     """What ``decompose_resid`` and ``stack_head_results`` read, and the norm scales."""
     return name.endswith(("hook_embed", "hook_pos_embed", "hook_attn_out", "hook_mlp_out", "attn.hook_z",
                           "ln1_post.hook_scale")) or name == hooks.final_norm_scale()

@@ -110,8 +110,9 @@ def beside(experiment: str, ours: dict, model: str | None = None, path: Path = R
                          "reference": rows.value.values, "source": rows.source.values})
 
 
-def show(experiment: str, ours: dict, our_model: str, model: str | None = None) -> pd.DataFrame:
-    """Print :func:`beside` under a one-line header naming both models; returns the table."""
+def show(experiment: str, ours: dict, our_model: str, model: str | None = None) -> None:
+    """Print :func:`beside` under a one-line header naming both models (it returns nothing, so a
+    notebook cell shows only the printed lines; :func:`beside` gives the table)."""
     table = beside(experiment, ours, model)
     ref_model = model or lookup(experiment).model.iloc[0]
     print(f"{experiment} — ours: {our_model} · reference: {ref_model}")
@@ -119,4 +120,3 @@ def show(experiment: str, ours: dict, our_model: str, model: str | None = None) 
     w_ours = max(4, max(len(o) for o in table.ours))
     for q, o, r, s in table.itertuples(index=False):
         print(f"  {q:<{width}}  {o:<{w_ours}}  | {r}   [{s}]")
-    return table

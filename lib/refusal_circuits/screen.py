@@ -1,0 +1,125 @@
+"""The ``screen`` stage: the gate of one model, written as a folder that panels and scripts read.
+
+    refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start] ...
+
+:func:`screen` computes, for every head, exact interchange necessity and sufficiency (NLL metric,
+:mod:`refusal_circuits.gate`) and output DLA, and writes
+
+* ``DIR/interchange.csv`` -- one row per head: ``layer, head, necessity, sufficiency, necessity_pct,
+  sufficiency_pct, gap, method``;
+* ``DIR/head_dla.csv`` -- ``layer, head, dla, ci_lo, ci_hi``;
+* ``DIR/pairs.csv`` -- the pairs used, their target tokens and NLL gaps;
+* ``DIR/manifest.json`` -- model, weights fingerprint, pairs-file hash, ``n_pairs``, ``align``,
+  ``method``, seed, package versions, timings, and the gate.
+
+Long sweeps save their parts under ``DIR/checkpoints/`` as they finish, so a killed screen restarted
+with the same arguments resumes where it stopped. A panel of models is one screen per model (one
+process, one folder each): independent jobs on a cluster. :func:`read_screens` gathers the folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import gate as G
+from .models import ChatModel
+from .paths import slug
+from .results import ResultsStore, _atomic_write, package_versions
+
+METHODS = ("exact",)
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pairs: int | None = None,
+           align: G.Align = "end", method: str = "exact", seed: int = 0, max_batch: int = 64,
+           progress: bool = True, log=print) -> dict:
+    """Screen every head of ``model`` on the pairs of ``pairs_file`` and write ``out_dir`` (see the
+    module docstring). Returns the manifest. A model whose sensitive prompts are not less likely to be
+    answered than the controls (mean gap <= 0) is reported, and the tables are still written."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if align not in ("end", "start"):
+        raise ValueError(f"align must be 'end' or 'start', got {align!r}.")
+    out = Path(out_dir)
+    t0 = time.time()
+    df = G.load_pairs(pairs_file)
+    gp = G.prepare_pairs(model, df, n_pairs=n_pairs, seed=seed)
+    key = {"pairs": _file_hash(Path(pairs_file)), "n_pairs": len(gp), "align": align, "seed": seed,
+           "pair_ids": list(map(str, gp.pairs.pair_id))}
+    store = ResultsStore(slug(model.name), root=out / "checkpoints", fingerprint=model.meta.get("fingerprint", ""))
+    gap = store.cached("gaps", key, lambda: G.gaps(model, gp))
+    mean_gap = float(gap.gap.mean())
+    if mean_gap <= 0:
+        log(f"warning: mean NLL gap is {mean_gap:.3f} <= 0: {model.name} does not refuse these sensitive prompts "
+            "more than the controls, so necessity and sufficiency percentages are not meaningful (tables written anyway).")
+    t1 = time.time()
+    kw = dict(align=align, max_batch=max_batch, progress=progress)
+    nec = G.interchange(model, gp, "necessity", checkpoint=store.checkpoint("necessity", key), **kw)
+    suf = G.interchange(model, gp, "sufficiency", checkpoint=store.checkpoint("sufficiency", key), **kw)
+    t2 = time.time()
+    summary = G.summarise(nec, suf, gap)
+    dla, dla_pairs = G.head_dla(model, gp, seed=seed)
+    t3 = time.time()
+    gate = G.gate_of(summary)
+    dla_rank = dla.assign(a=dla.dla.abs()).sort_values("a", ascending=False).reset_index(drop=True)
+    rank = int(dla_rank.index[(dla_rank.layer == gate.layer) & (dla_rank["head"] == gate["head"])][0]) + 1
+    table = summary.sort_values(["layer", "head"])[["layer", "head", "necessity", "sufficiency", "necessity_pct",
+                                                    "sufficiency_pct", "gap"]].assign(method=method)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "interchange.csv", lambda p: table.to_csv(p, index=False))
+    _atomic_write(out / "head_dla.csv", lambda p: dla[["layer", "head", "dla", "ci_lo", "ci_hi"]].to_csv(p, index=False))
+    pairs_out = gp.pairs.merge(gap, on="pair_id")
+    _atomic_write(out / "pairs.csv", lambda p: pairs_out.to_csv(p, index=False))
+    per_pair = pd.concat([nec, suf], ignore_index=True)
+    _atomic_write(out / "interchange_pairs.csv", lambda p: per_pair.to_csv(p, index=False))
+    manifest = {
+        "model": model.name, "weights": model.meta.get("fingerprint", ""), "source": model.meta.get("source", ""),
+        "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.d_model,
+        "n_params": int(sum(p.numel() for p in model.hf_model.parameters())),
+        "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": len(gp), "align": align,
+        "method": method, "seed": seed, "versions": package_versions(),
+        "timings_s": {"pairs_and_gaps": round(t1 - t0, 1), "interchange": round(t2 - t1, 1),
+                      "dla": round(t3 - t2, 1), "total": round(time.time() - t0, 1)},
+        "mean_gap": mean_gap,
+        "gate": {"layer": int(gate.layer), "head": int(gate["head"]), "necessity_pct": float(gate.necessity_pct),
+                 "sufficiency_pct": float(gate.sufficiency_pct), "dla_rank": rank},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    text = json.dumps(manifest, indent=2)
+    _atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
+    return manifest
+
+
+def gate_line(manifest: dict) -> str:
+    """The screen's last output line: ``gate=L<l>H<h> necessity_pct=<x> sufficiency_pct=<y> dla_rank=<k> n_heads=<n>``."""
+    g = manifest["gate"]
+    return (f"gate=L{g['layer']}H{g['head']} necessity_pct={g['necessity_pct']:.2f} "
+            f"sufficiency_pct={g['sufficiency_pct']:.2f} dla_rank={g['dla_rank']} "
+            f"n_heads={manifest['n_layers'] * manifest['n_heads']}")
+
+
+def read_screens(root: str | Path) -> pd.DataFrame:
+    """One row per screen folder (a ``manifest.json`` beside an ``interchange.csv``) below ``root``:
+    model, layers, heads, parameters, the gate, its depth as a fraction of the layers, necessity %."""
+    rows = []
+    for m in sorted(Path(root).rglob("manifest.json")):
+        if not (m.parent / "interchange.csv").exists():
+            continue
+        info = json.loads(m.read_text())
+        if "gate" not in info:
+            continue
+        g = info["gate"]
+        rows.append({"model": info["model"], "folder": str(m.parent), "layers": info["n_layers"],
+                     "heads": info["n_heads"], "params_b": info["n_params"] / 1e9, "align": info["align"],
+                     "n_pairs": info["n_pairs"], "gate": f"L{g['layer']}H{g['head']}", "gate_layer": g["layer"],
+                     "gate_depth": g["layer"] / max(info["n_layers"] - 1, 1), "necessity_pct": g["necessity_pct"],
+                     "sufficiency_pct": g["sufficiency_pct"], "dla_rank": g["dla_rank"]})
+    return pd.DataFrame(rows)

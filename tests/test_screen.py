@@ -1,0 +1,101 @@
+"""The ``screen`` command: its files, its last line, clear errors, and resuming after a kill."""
+import json
+
+import pandas as pd
+import pytest
+
+from refusal_circuits import gate as G
+from refusal_circuits.cli import main
+from refusal_circuits.data import load_safety_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
+    load_safety_pairs().head(4).to_csv(path, index=False)
+    return path
+
+
+def test_screen_writes_its_tables_and_prints_the_gate_last(tmp_path, pairs_csv, capsys):
+    out = tmp_path / "scr"
+    assert main(["screen", "--model", "tiny-qwen2", "--pairs", str(pairs_csv), "--out", str(out),
+                 "--n-pairs", "3", "--quiet"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    table = pd.read_csv(out / "interchange.csv")
+    assert list(table.columns) == ["layer", "head", "necessity", "sufficiency", "necessity_pct", "sufficiency_pct",
+                                   "gap", "method"]
+    assert len(table) == 2 * 4 and set(table.method) == {"exact"}
+    assert list(pd.read_csv(out / "head_dla.csv").columns) == ["layer", "head", "dla", "ci_lo", "ci_hi"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for k in ("model", "weights", "pairs_hash", "n_pairs", "align", "method", "seed", "versions", "timings_s"):
+        assert k in manifest
+    best = table.assign(c=table.necessity_pct + table.sufficiency_pct).sort_values("c").iloc[-1]
+    g = manifest["gate"]
+    assert (g["layer"], g["head"]) == (best.layer, best["head"])
+    assert last == (f"gate=L{g['layer']}H{g['head']} necessity_pct={g['necessity_pct']:.2f} "
+                    f"sufficiency_pct={g['sufficiency_pct']:.2f} dla_rank={g['dla_rank']} n_heads=8")
+
+
+def test_screen_resumes_after_a_kill(tmp_path, pairs_csv, monkeypatch):
+    args = ["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--n-pairs", "4", "--quiet"]
+    real, calls, state = G._nll, [], {"die_at": None}
+
+    def counting(logits, targets):
+        calls.append(1)
+        if state["die_at"] is not None and len(calls) == state["die_at"]:
+            raise KeyboardInterrupt  # the job is killed in the sufficiency sweep
+        return real(logits, targets)
+
+    monkeypatch.setattr(G, "_nll", counting)
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    n_whole = len(calls)
+    calls.clear()
+    state["die_at"] = n_whole  # the last patched forward
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "resumed")])
+    saved = list((tmp_path / "resumed" / "checkpoints").rglob("*.parquet"))
+    assert any("necessity" in p.name for p in saved) and any(p.parent.name.endswith(".parts") for p in saved)
+    calls.clear()
+    state["die_at"] = None
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 0
+    assert len(calls) <= 3  # only the last part of the sufficiency sweep (and its clean run) again
+    a = pd.read_csv(tmp_path / "whole" / "interchange.csv")
+    b = pd.read_csv(tmp_path / "resumed" / "interchange.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert json.loads((tmp_path / "resumed" / "manifest.json").read_text())["gate"] == \
+        json.loads((tmp_path / "whole" / "manifest.json").read_text())["gate"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "empty"),
+    ("harmful,harmless\nx,y\n", "'sensitive'"),
+    ("sensitive,control\n,\n", "no pairs"),
+])
+def test_bad_pair_files_end_in_one_line(tmp_path, capsys, content, message):
+    f = tmp_path / "p.csv"
+    f.write_text(content)
+    assert main(["screen", "--model", "tiny-llama", "--pairs", str(f), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_too_many_pairs_and_a_model_that_does_not_refuse(tmp_path, pairs_csv, capsys):
+    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(tmp_path / "o"),
+                 "--n-pairs", "99"]) == 2
+    assert "larger than the pair file (4 pairs)" in capsys.readouterr().err
+    # random weights do not refuse: if the mean gap is not positive the screen says so and still writes
+    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(tmp_path / "w"),
+                 "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    err = capsys.readouterr().err
+    assert (manifest["mean_gap"] <= 0) == ("does not refuse" in err)
+    assert (tmp_path / "w" / "interchange.csv").exists()
+
+
+def test_read_screens_gathers_the_folders(tmp_path, pairs_csv):
+    from refusal_circuits.screen import read_screens
+
+    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(tmp_path / "a" / "x"),
+                 "--n-pairs", "2", "--quiet"]) == 0
+    panel = read_screens(tmp_path)
+    assert len(panel) == 1 and panel.model[0] == "tiny-llama" and 0 <= panel.gate_depth[0] <= 1
