@@ -32,3 +32,36 @@ def test_failed_png_export_keeps_html_and_drops_old_png(tmp_path, monkeypatch, c
 
 def test_hover_lines():
     assert plotting.hover_lines(prompt=0, value=1) == "prompt: %{customdata[0]}<br>value: %{customdata[1]}<extra></extra>"
+
+
+def test_analysis_figures_label_their_axes():
+    import pandas as pd
+    import torch
+
+    classes = pd.DataFrame({"class": ["direct", "other"], "label": ["L1H0", "L1H1"], "direct_mean": [0.5, 0.1],
+                            "diagonal_mean": [0.1, 0.0], "BOS_mean": [0.2, 0.9], "direct_std": [0.1, 0.0],
+                            "diagonal_std": [0.0, 0.0]})
+    fig = plotting.head_class_scatter(classes, 0.2, "t")
+    assert len(fig.data) == 2 and "direct score" in fig.layout.xaxis.title.text
+    fig = plotting.null_histogram([0.1, 0.2, 0.3], 0.9, "r", "t", "x")
+    assert fig.layout.xaxis.title.text == "x" and fig.layout.yaxis.title.text == "count"
+    cos = pd.DataFrame({"token_id": [0, 1, 2], "token": ["a", "b", "I"], "cos": [0.1, -0.2, 0.05]})
+    assert plotting.cosine_histogram(cos, [2], "t").layout.yaxis.type == "log"
+    assert plotting.singular_values(torch.tensor([3.0, 2.0, 1.0]), 1, "t").layout.yaxis.type == "log"
+    ranks = pd.DataFrame({"dla_rank": [1, 2, 3], "interchange_rank": [3, 2, 1], "label": ["A", "B", "G"]})
+    fig = plotting.rank_scatter(ranks, "dla_rank", "interchange_rank", "label", "G", "t", "x", "y")
+    assert len(fig.data) == 2 and list(fig.data[1].text) == ["G"]
+    panel = pd.DataFrame({"source": ["paper", "ours"], "model": ["a/b", "c"], "params_b": [2.0, 0.1],
+                          "gate": ["L1H1", "L2H2"], "gate_depth": [0.5, 0.4]})
+    fig = plotting.panel_figure(panel, "gate_depth", "t", "depth")
+    assert fig.layout.xaxis.type == "log" and len(fig.data) == 2
+
+
+def test_pattern_grid_labels_query_and_key(tiny_llama):
+    from refusal_circuits import align_pairs, load_toy_pairs
+
+    pairs = align_pairs(tiny_llama, load_toy_pairs().head(2))
+    fig = plotting.pattern_grid(tiny_llama, pairs, [("direct", (1, 0)), ("BOS", (0, 2))], title="t")
+    assert len(fig.data) == 2
+    assert fig.layout.yaxis.title.text == "query position" and "key position" in fig.layout.xaxis.title.text
+    assert fig.data[0].z.shape == (len(pairs.tokens_a[0]), len(pairs.tokens_a[0]))

@@ -254,3 +254,34 @@ def singular_values(S, k: int, title: str) -> go.Figure:
     fig.update_layout(title=title, xaxis_title="singular value index (descending)", yaxis_title="singular value",
                       yaxis_type="log")
     return fig
+
+
+def rank_scatter(df, x: str, y: str, label: str, marked: str, title: str, x_label: str, y_label: str) -> go.Figure:
+    """One point per row (a head) at its two ranks, the ``marked`` row (the gate) drawn large; hover
+    shows the label and both ranks."""
+    fig = go.Figure(go.Scatter(x=df[x], y=df[y], mode="markers", name="heads",
+                               marker=dict(color="#9aa5b1", size=6), text=df[label],
+                               hovertemplate="%{text}<br>" + x_label + " %{x}<br>" + y_label + " %{y}<extra></extra>"))
+    g = df[df[label] == marked]
+    fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers+text", name=f"gate {marked}", text=g[label],
+                             textposition="top right", marker=dict(color=HARMFUL_COLOR, size=14, symbol="star"),
+                             hovertemplate="%{text}<br>" + x_label + " %{x}<br>" + y_label + " %{y}<extra>gate</extra>"))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
+    return fig
+
+
+def panel_figure(panel, y: str, title: str, y_label: str) -> go.Figure:
+    """The cross-model panel: ``y`` against model size (log scale), the paper's models and ours as two
+    series; hover names the model and its gate."""
+    fig = go.Figure()
+    for source, sub in panel.groupby("source", sort=False):
+        fig.add_trace(go.Scatter(
+            x=sub.params_b, y=sub[y], mode="markers+text", name=source, text=sub.model.str.split("/").str[-1],
+            textposition="top center", textfont=dict(size=9),
+            marker=dict(size=11, color=HARMFUL_COLOR if source.startswith("ours") else "#1f77b4"),
+            customdata=sub[["model", "gate"]].values,
+            hovertemplate="%{customdata[0]}<br>gate %{customdata[1]}<br>" + y_label + " %{y:.2f}<br>"
+                          "%{x:.2f}B parameters<extra>" + source + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="parameters (billions, log scale)", yaxis_title=y_label,
+                      xaxis_type="log")
+    return fig
