@@ -198,9 +198,12 @@ def patch_sweep(model: ChatModel, pairs: AlignedPairs, patches: Sequence[Patch],
     compute is the sum over patches of the layers that can change. Patches are chunked by start
     layer; extra hooks below a patch's start layer would be skipped, so they turn skipping off.
 
-    The patches run in parts of ``patches_per_part`` (default: four batched forwards' worth). With
-    ``checkpoint`` (``store.checkpoint(name, params)``) each part is saved atomically as it finishes and
-    a rerun computes only the missing parts; the table is the same either way."""
+    The work is split into parts of (length group, ``patches_per_part`` patches). Without a checkpoint the
+    default is one part per length group (every patch at once, as fast as the engine goes); with
+    ``checkpoint`` (``store.checkpoint(name, params)``) it is about 16 batched forwards a part, each part
+    is saved atomically as it finishes and a rerun computes only the missing parts. A resumed run returns
+    exactly the table of an uninterrupted one with the same parts; different part sizes agree to float
+    precision."""
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}.")
     if not patches:

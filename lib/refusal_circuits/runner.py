@@ -34,7 +34,7 @@ def notebooks(only: str | None = None) -> list[Path]:
     return found
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
     lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         except PapermillExecutionError as err:
             # papermill inserts its "injected-parameters" cell after the parameters cell: count without it
             cell = err.cell_index - (1 if params else 0)
-            print(f"error: {nb.name} failed in cell {cell} ({_first_line(err.source.splitlines()[0] if err.source else '')!r}): "
-                  f"{err.ename}: {_first_line(err.evalue)}", file=sys.stderr)
+            print(f"error: {nb.name} failed in cell {cell} ({_last_line(err.source.splitlines()[0] if err.source else '')!r}): "
+                  f"{err.ename}: {_last_line(err.evalue)}", file=sys.stderr)
             print(f"       the partly executed notebook is {partial}; {target.name} was left as it was.",
                   file=sys.stderr)
             return 1
