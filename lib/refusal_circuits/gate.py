@@ -213,18 +213,98 @@ def nll(model: ChatModel, prompts: Sequence[torch.Tensor], targets: Sequence[tor
     return torch.cat(out)
 
 
-def _z_writer(aligned: torch.Tensor, mask: torch.Tensor, heads: Sequence[int], B: int):
-    """A ``hook_z`` hook: copy ``j`` of the batch gets ``aligned[:, :, heads[j]]`` at the mapped positions."""
+def _z_writer(write, mask: torch.Tensor, heads: Sequence[int], B: int):
+    """A ``hook_z`` hook for ``len(heads)`` stacked copies of a batch of ``B`` runs: copy ``j`` gets
+    ``write(z_copy_j_head, head)`` for head ``heads[j]`` at the positions where ``mask [B, T]`` is true."""
     m = mask[:, :, None]
 
     def hook(z, hook):
         z = z.clone()
         for j, h in enumerate(heads):
             rows = slice(j * B, (j + 1) * B)
-            z[rows, :, h] = torch.where(m, aligned[:, :, h].to(z.dtype), z[rows, :, h])
+            z[rows, :, h] = torch.where(m, write(z[rows, :, h], h).to(z.dtype), z[rows, :, h])
         return z
 
     return hook
+
+
+def _target_batch(model: ChatModel, seqs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                  layers: Sequence[int]) -> dict:
+    """One batch of target runs (prompt + target tokens), left-padded, with its unpatched NLL and the
+    residual stream entering each of ``layers`` (so a patched forward can start there)."""
+    ids, mask = _left_pad(seqs, model.tokenizer.pad_token_id, model.device)
+    K = max(len(t) for t in targets) + 1
+    names_r = [hooks.resid_pre(l) for l in layers if l > 0]
+    logits, cache = model.bridge.run_with_cache(ids, attention_mask=mask, logits_to_keep=K,
+                                                names_filter=lambda n: n in names_r)
+    return {"t_ids": ids, "t_mask": mask, "K": K, "targets": list(targets),
+            "resid": {n: cache[n] for n in names_r}, "baseline": _nll(logits, targets)}
+
+
+def _patched_nll(model: ChatModel, c: dict, layer: int, heads: Sequence[int], write, mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """NLL ``[len(heads), B]`` of the target batch ``c`` (:func:`_target_batch`) with head ``heads[j]``
+    of ``layer`` rewritten by ``write`` in copy ``j``; all copies in one forward started at ``layer``."""
+    n, B = len(heads), len(c["targets"])
+    fwd = [(hooks.z(layer), _z_writer(write, mask, heads, B))]
+    mask_rep = c["t_mask"].repeat(n, 1)
+    with model.bridge.hooks(fwd_hooks=fwd):
+        if layer > 0:
+            resid = c["resid"][hooks.resid_pre(layer)].repeat(n, 1, 1)
+            with skip_lower_layers(model, layer):
+                logits = model.bridge(resid, start_at_layer=layer, attention_mask=mask_rep, logits_to_keep=c["K"],
+                                      use_cache=False)
+        else:
+            logits = model.bridge(c["t_ids"].repeat(n, 1), attention_mask=mask_rep, logits_to_keep=c["K"])
+    return _nll(logits, c["targets"] * n).view(n, B)
+
+
+def _head_list(model: ChatModel, heads) -> list[tuple[int, int]]:
+    return [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)] if heads is None else \
+        [(int(l), int(h)) for l, h in heads]
+
+
+def _by_layer(heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for l, h in heads:
+        out.setdefault(int(l), []).append(int(h))
+    return dict(sorted(out.items()))
+
+
+def _pair_batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def _effect_row(l, h, pair_id, direction, base, pat) -> dict:
+    return {"layer": l, "head": h, "pair_id": pair_id, "direction": direction, "baseline": base, "patched": pat,
+            "effect": base - pat if direction == "necessity" else pat - base}
+
+
+def _source_z(model: ChatModel, source: Sequence[torch.Tensor], layers: Sequence[int], src: torch.Tensor
+              ) -> dict[int, torch.Tensor]:
+    """The source runs' ``z`` at each of ``layers``, gathered onto the target positions ``src [B, T]``."""
+    ids, mask = _left_pad(source, model.tokenizer.pad_token_id, model.device)
+    names = [hooks.z(l) for l in layers]
+    _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+    out = {}
+    for l in layers:
+        zs = cache[hooks.z(l)]                                                    # [B, S, H, d]
+        gather = src[:, :, None, None].expand(-1, -1, zs.shape[2], zs.shape[3])
+        out[l] = torch.gather(zs, 1, gather)                                      # [B, T, H, d]
+    return out
+
+
+def _alignment(target: Sequence[torch.Tensor], source: Sequence[torch.Tensor], align: Align, device):
+    T, S = max(len(t) for t in target), max(len(s) for s in source)
+    mask, src = position_map([len(t) for t in target], [len(s) for s in source], T, S, align)
+    return mask.to(device), src.to(device)
+
+
+def _check(direction: str, gp: GatePairs) -> None:
+    if direction not in ("necessity", "sufficiency"):
+        raise ValueError(f"direction must be 'necessity' or 'sufficiency', got {direction!r}.")
+    if len(gp) == 0:
+        raise PairsError("No pairs given.")
 
 
 @torch.no_grad()
@@ -242,42 +322,19 @@ def interchange(model: ChatModel, gp: GatePairs, direction: Direction = "necessi
     pair_id, direction, baseline`` (unpatched NLL of the run), ``patched``, ``effect`` (necessity:
     ``baseline - patched``; sufficiency: ``patched - baseline``). With ``checkpoint`` each (batch of
     pairs, layer) part is saved as it finishes and a rerun resumes."""
-    if direction not in ("necessity", "sufficiency"):
-        raise ValueError(f"direction must be 'necessity' or 'sufficiency', got {direction!r}.")
-    if len(gp) == 0:
-        raise PairsError("No pairs given.")
-    heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)] if heads is None else list(heads)
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(int(l), []).append(int(h))
-    layers = sorted(by_layer)
-    batches = [list(range(i, min(i + pairs_per_batch, len(gp)))) for i in range(0, len(gp), pairs_per_batch)]
+    _check(direction, gp)
+    by_layer = _by_layer(_head_list(model, heads))
+    layers = list(by_layer)
+    batches = _pair_batches(len(gp), pairs_per_batch)
     parts = [(b, l) for b in range(len(batches)) for l in layers]
-    pad = model.tokenizer.pad_token_id
     current: dict = {}
 
     def prepare(b: int) -> dict:
         idx = batches[b]
         target, source = _runs(gp, idx, direction, align)
-        t_ids, t_mask = _left_pad(target, pad, model.device)
-        s_ids, s_mask = _left_pad(source, pad, model.device)
-        mask, src = position_map([len(t) for t in target], [len(s) for s in source], t_ids.shape[1],
-                                 s_ids.shape[1], align)
-        mask, src = mask.to(model.device), src.to(model.device)
-        K = max(len(gp.targets[i]) for i in idx) + 1
-        tgt = [gp.targets[i] for i in idx]
-        names_z = [hooks.z(l) for l in layers]
-        names_r = [hooks.resid_pre(l) for l in layers if l > 0]
-        _, s_cache = model.bridge.run_with_cache(s_ids, attention_mask=s_mask, names_filter=lambda n: n in names_z)
-        aligned = {}
-        for l in layers:
-            zs = s_cache[hooks.z(l)]                                              # [B, S, H, d]
-            gather = src[:, :, None, None].expand(-1, -1, zs.shape[2], zs.shape[3])
-            aligned[l] = torch.gather(zs, 1, gather)                              # [B, T, H, d]
-        logits, t_cache = model.bridge.run_with_cache(t_ids, attention_mask=t_mask, logits_to_keep=K,
-                                                      names_filter=lambda n: n in names_r)
-        return {"idx": idx, "t_ids": t_ids, "t_mask": t_mask, "mask": mask, "aligned": aligned, "K": K,
-                "targets": tgt, "resid": {n: t_cache[n] for n in names_r}, "baseline": _nll(logits, tgt)}
+        mask, src = _alignment(target, source, align, model.device)
+        c = _target_batch(model, target, [gp.targets[i] for i in idx], layers)
+        return {**c, "idx": idx, "mask": mask, "aligned": _source_z(model, source, layers, src)}
 
     def run(part: tuple[int, int]) -> pd.DataFrame:
         b, l = part
@@ -285,37 +342,90 @@ def interchange(model: ChatModel, gp: GatePairs, direction: Direction = "necessi
             current.clear()
             current.update(batch=b, **prepare(b))
         c = current
-        B = len(c["idx"])
-        k = max(1, max_batch // B)
+        k = max(1, max_batch // len(c["idx"]))
         rows = []
         hs = by_layer[l]
         for s in range(0, len(hs), k):
             chunk = hs[s:s + k]
-            n = len(chunk)
-            fwd = [(hooks.z(l), _z_writer(c["aligned"][l], c["mask"], chunk, B))]
-            mask_rep = c["t_mask"].repeat(n, 1)
-            with model.bridge.hooks(fwd_hooks=fwd):
-                if l > 0:
-                    resid = c["resid"][hooks.resid_pre(l)].repeat(n, 1, 1)
-                    with skip_lower_layers(model, l):
-                        logits = model.bridge(resid, start_at_layer=l, attention_mask=mask_rep,
-                                              logits_to_keep=c["K"], use_cache=False)
-                else:
-                    logits = model.bridge(c["t_ids"].repeat(n, 1), attention_mask=mask_rep, logits_to_keep=c["K"])
-            patched = _nll(logits, c["targets"] * n).view(n, B)
+            patched = _patched_nll(model, c, l, chunk, lambda z, h: c["aligned"][l][:, :, h], c["mask"])
             for j, h in enumerate(chunk):
                 for bi, i in enumerate(c["idx"]):
-                    base, pat = float(c["baseline"][bi]), float(patched[j, bi])
-                    rows.append({"layer": l, "head": h, "pair_id": gp.pairs.pair_id.iloc[i], "direction": direction,
-                                 "baseline": base, "patched": pat,
-                                 "effect": base - pat if direction == "necessity" else pat - base})
+                    rows.append(_effect_row(l, h, gp.pairs.pair_id.iloc[i], direction, float(c["baseline"][bi]),
+                                            float(patched[j, bi])))
         return pd.DataFrame(rows)
 
     ids = [f"pairs {batches[b][0]}-{batches[b][-1]} L{l}" for b, l in parts]
     df = run_parts(parts, run, checkpoint, f"interchange ({direction})", progress, part_ids=ids)
+    return _sort(df, gp)
+
+
+def _sort(df: pd.DataFrame, gp: GatePairs) -> pd.DataFrame:
     order = {p: i for i, p in enumerate(gp.pairs.pair_id)}
     df = df.assign(_p=df.pair_id.map(order)).sort_values(["layer", "head", "_p"], kind="stable")
     return df.drop(columns="_p").reset_index(drop=True)
+
+
+def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", align: Align = "end",
+                heads: Sequence[tuple[int, int]] | None = None, pairs_per_batch: int = 8,
+                checkpoint: Checkpoint | None = None, progress: bool = True) -> pd.DataFrame:
+    """Attribution-patching estimate of :func:`interchange` for every head at once.
+
+    The patched NLL is linearised around the target run: for head ``(l, h)``,
+    ``NLL(patched) - NLL(target) ~ sum_p dNLL/dz[p, h] . (z_source[src(p), h] - z_target[p, h])`` over
+    the positions that ``align`` maps, with the gradient of the same NLL metric (mean over the target
+    tokens). One forward + backward of the target runs and one forward of the source runs per batch of
+    pairs, for all heads. The gradient at each ``hook_z`` is read by a backward hook (the bridge hands
+    forward hooks a reshaped view), and the backward is driven by :func:`torch.autograd.grad` from a
+    residual-stream leaf, so no parameter needs ``requires_grad``. Same columns as
+    :func:`interchange`; ``patched`` is the linear estimate."""
+    _check(direction, gp)
+    wanted = _by_layer(_head_list(model, heads))
+    layers = list(range(model.n_layers))
+    batches = _pair_batches(len(gp), pairs_per_batch)
+    pad = model.tokenizer.pad_token_id
+
+    def run(b: int) -> pd.DataFrame:
+        idx = batches[b]
+        target, source = _runs(gp, idx, direction, align)
+        tgt = [gp.targets[i] for i in idx]
+        mask, src = _alignment(target, source, align, model.device)
+        with torch.no_grad():
+            aligned = _source_z(model, source, list(wanted), src)
+        ids, amask = _left_pad(target, pad, model.device)
+        K = max(len(t) for t in tgt) + 1
+        acts, grads, leaf = {}, {}, {}
+
+        def make_leaf(x, hook):
+            leaf["x"] = x.detach().requires_grad_(True)
+            return leaf["x"]
+
+        def saver(store: dict, name: str):
+            def hook(x, hook):
+                store[name] = x.detach()
+            return hook
+
+        names = [hooks.z(l) for l in wanted]
+        fwd = [(hooks.resid_pre(0), make_leaf)] + [(n, saver(acts, n)) for n in names]
+        bwd = [(n, saver(grads, n)) for n in names]
+        with torch.enable_grad(), model.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            logits = model.bridge(ids, attention_mask=amask, logits_to_keep=K)
+            base = _nll(logits, tgt)
+            torch.autograd.grad(base.sum(), [leaf["x"]])
+        m = mask[:, :, None, None].to(torch.float32)
+        rows = []
+        for l, hs in wanted.items():
+            n = hooks.z(l)
+            diff = (aligned[l].float() - acts[n].float()) * m                       # [B, T, H, d]
+            est = (diff * grads[n].float()).sum(dim=(1, 3)).cpu()                   # [B, H]
+            for h in hs:
+                for bi, i in enumerate(idx):
+                    b0 = float(base[bi])
+                    rows.append(_effect_row(l, h, gp.pairs.pair_id.iloc[i], direction, b0, b0 + float(est[bi, h])))
+        return pd.DataFrame(rows)
+
+    ids = [f"pairs {bt[0]}-{bt[-1]}" for bt in batches]
+    df = run_parts(list(range(len(batches))), run, checkpoint, f"attribution ({direction})", progress, part_ids=ids)
+    return _sort(df, gp)
 
 
 @torch.no_grad()
