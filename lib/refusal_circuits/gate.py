@@ -527,15 +527,11 @@ def bootstrap_stability(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame,
 
 
 @torch.no_grad()
-def head_dla(model: ChatModel, gp: GatePairs, batch_size: int = 8, n_boot: int = 1000, seed: int = 0
-             ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each head's output DLA at the last prompt position (no target tokens appended): the head's write
-    to the residual (:func:`refusal_circuits.dla.head_residual_writes`), through the final norm
-    linearised with that run's own scale, dotted with ``mean_{t in R} W_U[:, t] - W_U[:, a]`` (``R`` =
-    the model's refusal tokens, ``a`` = the pair's first target token, the control's answer). Score =
-    mean over pairs of DLA(sensitive) - DLA(control), with a bootstrap 95% interval (``n_boot``
-    resamples of the pairs). Returns ``(summary, per_pair)``: ``layer, head, dla, ci_lo, ci_hi`` and
-    ``layer, head, pair_id, dla_sensitive, dla_control, diff``."""
+def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hooks=()
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head's output DLA at the last prompt position of each pair's sensitive and control prompt
+    (see :func:`head_dla`): ``(sensitive, control)``, each ``[layer, head, pair]``. ``fwd_hooks`` stay on
+    during the runs (a knockout), and the final norm is linearised with that run's own scale."""
     from . import dla as D
 
     W = model.W_U.detach().float().cpu()
@@ -545,17 +541,28 @@ def head_dla(model: ChatModel, gp: GatePairs, batch_size: int = 8, n_boot: int =
 
     def run(prompts: list[str]) -> torch.Tensor:
         out = []
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i:i + batch_size]
-            for _, _, cache in cached_runs(model, batch, D.needed_for_components, len(batch)):
-                heads = D.head_residual_writes(model, cache, -1)                   # [L, H, B, d]
-                L, H = heads.shape[:2]
-                normed = cache.apply_ln_to_stack(heads.reshape(L * H, *heads.shape[2:]), layer=None, pos_slice=-1)
-                out.append((normed.float().cpu() * norm.weight).view(L, H, len(batch), -1))
+        for batch, _, cache in cached_runs(model, prompts, D.needed_for_components, batch_size, fwd_hooks):
+            heads = D.head_residual_writes(model, cache, -1)                       # [L, H, B, d]
+            L, H = heads.shape[:2]
+            normed = cache.apply_ln_to_stack(heads.reshape(L * H, *heads.shape[2:]), layer=None, pos_slice=-1)
+            out.append((normed.float().cpu() * norm.weight).view(L, H, len(batch), -1))
         return torch.cat(out, 2)                                                   # [L, H, pair, d]
 
     sens = (run(list(gp.pairs.sensitive)) * dirs[None, None]).sum(-1)
     ctrl = (run(list(gp.pairs.control)) * dirs[None, None]).sum(-1)
+    return sens, ctrl
+
+
+def head_dla(model: ChatModel, gp: GatePairs, batch_size: int = 8, n_boot: int = 1000, seed: int = 0
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each head's output DLA at the last prompt position (no target tokens appended): the head's write
+    to the residual (:func:`refusal_circuits.dla.head_residual_writes`), through the final norm
+    linearised with that run's own scale, dotted with ``mean_{t in R} W_U[:, t] - W_U[:, a]`` (``R`` =
+    the model's refusal tokens, ``a`` = the pair's first target token, the control's answer). Score =
+    mean over pairs of DLA(sensitive) - DLA(control), with a bootstrap 95% interval (``n_boot``
+    resamples of the pairs). Returns ``(summary, per_pair)``: ``layer, head, dla, ci_lo, ci_hi`` and
+    ``layer, head, pair_id, dla_sensitive, dla_control, diff``."""
+    sens, ctrl = head_dla_pairs(model, gp, batch_size)
     diff = (sens - ctrl).numpy()                                                   # [L, H, pair]
     L, H, P = diff.shape
     rng = np.random.default_rng(seed)
