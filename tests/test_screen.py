@@ -99,3 +99,53 @@ def test_read_screens_gathers_the_folders(tmp_path, pairs_csv):
                  "--n-pairs", "2", "--quiet"]) == 0
     panel = read_screens(tmp_path)
     assert len(panel) == 1 and panel.model[0] == "tiny-llama" and 0 <= panel.gate_depth[0] <= 1
+
+
+def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, capsys):
+    from refusal_circuits import load_model
+    from refusal_circuits.screen import screen
+
+    m = load_model("tiny-llama")
+    ex = screen(m, pairs_csv, tmp_path / "exact", n_pairs=3, progress=False)
+    at = screen(m, pairs_csv, tmp_path / "atp", n_pairs=3, method="attribution", top_k=3, progress=False)
+    a = pd.read_csv(tmp_path / "atp" / "interchange.csv")
+    e = pd.read_csv(tmp_path / "exact" / "interchange.csv")
+    assert (a.method == "exact").sum() == 3 and (a.method == "attribution").sum() == len(a) - 3
+    assert at["method"] == "attribution" and at["top_k"] == 3 and at["n_exact_heads"] == 3
+    # the confirmed heads carry the exact numbers, and the gate is the best of them
+    x = a[a.method == "exact"].merge(e, on=["layer", "head"], suffixes=("", "_exact"))
+    assert x.necessity.values == pytest.approx(x.necessity_exact.values, abs=1e-5)
+    assert x.sufficiency.values == pytest.approx(x.sufficiency_exact.values, abs=1e-5)
+    best = x.assign(c=x.necessity_pct + x.sufficiency_pct).sort_values("c").iloc[-1]
+    assert (at["gate"]["layer"], at["gate"]["head"]) == (best.layer, best["head"])
+    # the three it confirmed are the three the estimate ranked highest
+    est = G.summarise(*(G.attribution(m, G.prepare_pairs(m, G.load_pairs(pairs_csv), n_pairs=3), d, progress=False)
+                        for d in ("necessity", "sufficiency")), pd.read_csv(tmp_path / "atp" / "pairs.csv"))
+    assert set(zip(est.layer[:3], est["head"][:3])) == set(zip(x.layer, x["head"]))
+    abl = pd.read_csv(tmp_path / "atp" / "ablation.csv")
+    assert {"layer", "head", "reduction", "reduction_pct", "rank"} <= set(abl.columns)
+    assert at["ablation"]["top_head"] == f"L{abl.layer[0]}H{abl['head'][0]}"
+
+
+@pytest.mark.parametrize("arch", ["tiny-gemma", "tiny-gemma2", "tiny-qwen3", "tiny-phi3", "tiny-mistral", "tiny-glm4"])
+def test_screen_runs_on_every_tiny_architecture(tmp_path, pairs_csv, arch, capsys):
+    # (tiny-llama and tiny-qwen2 run in the tests above)
+    assert main(["screen", "--model", arch, "--pairs", str(pairs_csv), "--out", str(tmp_path / "o"),
+                 "--n-pairs", "2", "--method", "attribution", "--top-k", "2", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1].startswith("gate=L")
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    # tiny-gemma2's sliding window hides the prompt from the last position at L // 2: ablation is skipped, said so
+    assert (manifest["ablation"] is None) == ("ablation skipped" in out.err)
+
+
+def test_screen_of_a_local_model_folder(tmp_path, pairs_csv, capsys):
+    from refusal_circuits.models import load_tiny_hf
+
+    hf, tok = load_tiny_hf("qwen2", seed=1)
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    assert main(["screen", "--model", str(tmp_path / "model"), "--pairs", str(pairs_csv), "--out",
+                 str(tmp_path / "o"), "--n-pairs", "2", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("gate=L")
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["n_layers"] == 2

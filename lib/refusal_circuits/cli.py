@@ -4,7 +4,7 @@
     refusal-circuits organism [--out data/organism]
     refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
     refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start]
-                            [--method exact] [--top-k K] [--device cpu|cuda|auto] [--dtype ...] [--seed S]
+                            [--method exact|attribution] [--top-k K] [--no-ablation] [--device cpu|cuda|auto] [--dtype ...] [--seed S]
 
 Bad input (a model that is not here, a device this torch does not have, a missing column) ends with one
 ``error: ...`` line on stderr and exit status 2. Library warnings are silenced unless ``--verbose``.
@@ -86,15 +86,17 @@ def _screen(args) -> int:
     if not pairs.exists():
         raise SystemExit(f"error: pair file {pairs} does not exist.")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.top_k < 1:
+        raise SystemExit(f"error: --top-k must be >= 1, got {args.top_k}.")
     manifest = screen(model, pairs, args.out, n_pairs=args.n_pairs, align=args.align, method=args.method,
-                      seed=args.seed, progress=not args.quiet,
+                      top_k=args.top_k, seed=args.seed, ablation=not args.no_ablation, progress=not args.quiet,
                       log=lambda msg: print(msg, file=sys.stderr))
     import pandas as pd
 
     table = pd.read_csv(Path(args.out) / "interchange.csv")
     table["combined"] = table.necessity_pct + table.sufficiency_pct
-    top = table.sort_values("combined", ascending=False).head(args.top_k)
-    print(f"wrote {args.out}/interchange.csv, head_dla.csv, pairs.csv, manifest.json "
+    top = table.sort_values("combined", ascending=False).head(min(args.top_k, 10))
+    print(f"wrote {args.out}/interchange.csv, head_dla.csv, pairs.csv, ablation.csv, manifest.json "
           f"({manifest['n_pairs']} pairs, align={manifest['align']}, {manifest['timings_s']['total']:.0f} s)")
     print(f"top {len(top)} heads by necessity % + sufficiency %: " + ", ".join(
         f"L{r.layer}H{r.head} ({r.necessity_pct:.1f} + {r.sufficiency_pct:.1f})" for r in top.itertuples()))
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_organism_check)
 
-    s = sub.add_parser("screen", help="find the gate head: exact interchange of every head (NLL metric) and "
-                                      "head DLA on matched pairs; writes DIR/interchange.csv, head_dla.csv, "
+    s = sub.add_parser("screen", help="find the gate head: interchange of every head (NLL metric), head DLA "
+                                      "and per-head ablation on matched pairs; writes DIR/interchange.csv, head_dla.csv, "
                                       "manifest.json and resumes when restarted")
     s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id in the cache, or a folder")
     s.add_argument("--pairs", required=True, help="CSV with 'sensitive' and 'control' columns (optional pair_id, category)")
@@ -157,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n-pairs", type=int, default=None, help="pairs to use, in a seeded order (default: all)")
     s.add_argument("--align", choices=["end", "start"], default="end",
                    help="position alignment: from the end (default) or the paper's from-the-start copy")
-    s.add_argument("--method", choices=["exact"], default="exact",
-                   help="exact batched interchange of every head (the attribution screen is not in this version)")
-    s.add_argument("--top-k", type=int, default=5, help="heads to list before the gate line")
+    s.add_argument("--method", choices=["exact", "attribution"], default="exact",
+                   help="exact: batched interchange of every head; attribution: a gradient estimate for every "
+                        "head, then the exact interchange of its top-k")
+    s.add_argument("--top-k", type=int, default=10,
+                   help="heads the attribution screen confirms exactly (and heads listed before the gate line)")
+    s.add_argument("--no-ablation", action="store_true", help="skip the per-head directional ablation")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
     s.add_argument("--dtype", default="float32")
     s.add_argument("--seed", type=int, default=0)

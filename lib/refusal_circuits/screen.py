@@ -2,12 +2,18 @@
 
     refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start] ...
 
-:func:`screen` computes, for every head, exact interchange necessity and sufficiency (NLL metric,
-:mod:`refusal_circuits.gate`) and output DLA, and writes
+:func:`screen` computes, for every head, interchange necessity and sufficiency (NLL metric,
+:mod:`refusal_circuits.gate`) -- ``method="exact"``: the exact batched interchange of every head;
+``method="attribution"``: the attribution estimate for every head, then the exact interchange of the
+``top_k`` heads it ranks highest (the gate is chosen among the exactly confirmed heads) -- output DLA,
+and per-head directional ablation of the candidate heads (:mod:`refusal_circuits.routing`: the top 20 by
+|DLA| in the 25-65% depth band, as the paper screened, and the top heads by interchange), and writes
 
 * ``DIR/interchange.csv`` -- one row per head: ``layer, head, necessity, sufficiency, necessity_pct,
   sufficiency_pct, gap, method``;
 * ``DIR/head_dla.csv`` -- ``layer, head, dla, ci_lo, ci_hi``;
+* ``DIR/ablation.csv`` -- ``layer, head, reduction, reduction_pct, rank`` for the candidate heads;
+* ``DIR/interchange_pairs.csv`` -- every (head, pair, direction) effect, with its ``method``;
 * ``DIR/pairs.csv`` -- the pairs used, their target tokens and NLL gaps;
 * ``DIR/manifest.json`` -- model, weights fingerprint, pairs-file hash, ``n_pairs``, ``align``,
   ``method``, seed, package versions, timings, and the gate.
@@ -31,7 +37,7 @@ from .models import ChatModel
 from .paths import slug
 from .results import ResultsStore, _atomic_write, package_versions
 
-METHODS = ("exact",)
+METHODS = ("exact", "attribution")
 
 
 def _file_hash(path: Path) -> str:
@@ -39,8 +45,8 @@ def _file_hash(path: Path) -> str:
 
 
 def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pairs: int | None = None,
-           align: G.Align = "end", method: str = "exact", seed: int = 0, max_batch: int = 64,
-           progress: bool = True, log=print) -> dict:
+           align: G.Align = "end", method: str = "exact", top_k: int = 10, seed: int = 0, max_batch: int = 64,
+           ablation: bool = True, n_dla_candidates: int = 20, progress: bool = True, log=print) -> dict:
     """Screen every head of ``model`` on the pairs of ``pairs_file`` and write ``out_dir`` (see the
     module docstring). Returns the manifest. A model whose sensitive prompts are not less likely to be
     answered than the controls (mean gap <= 0) is reported, and the tables are still written."""
@@ -48,6 +54,8 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if align not in ("end", "start"):
         raise ValueError(f"align must be 'end' or 'start', got {align!r}.")
+    if int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
     out = Path(out_dir)
     t0 = time.time()
     df = G.load_pairs(pairs_file)
@@ -61,18 +69,37 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         log(f"warning: mean NLL gap is {mean_gap:.3f} <= 0: {model.name} does not refuse these sensitive prompts "
             "more than the controls, so necessity and sufficiency percentages are not meaningful (tables written anyway).")
     t1 = time.time()
-    kw = dict(align=align, max_batch=max_batch, progress=progress)
-    nec = G.interchange(model, gp, "necessity", checkpoint=store.checkpoint("necessity", key), **kw)
-    suf = G.interchange(model, gp, "sufficiency", checkpoint=store.checkpoint("sufficiency", key), **kw)
+    kw = dict(align=align, progress=progress)
+    if method == "exact":
+        nec = G.interchange(model, gp, "necessity", checkpoint=store.checkpoint("necessity", key), max_batch=max_batch, **kw)
+        suf = G.interchange(model, gp, "sufficiency", checkpoint=store.checkpoint("sufficiency", key), max_batch=max_batch, **kw)
+        nec, suf = nec.assign(method="exact"), suf.assign(method="exact")
+        t_atp = 0.0
+    else:
+        nec = G.attribution(model, gp, "necessity", checkpoint=store.checkpoint("atp_necessity", key), **kw)
+        suf = G.attribution(model, gp, "sufficiency", checkpoint=store.checkpoint("atp_sufficiency", key), **kw)
+        t_atp = time.time() - t1
+        est = G.summarise(nec, suf, gap)
+        top = [(int(l), int(h)) for l, h in zip(est.layer[:top_k], est["head"][:top_k])]
+        ck = {**key, "heads": top}
+        nec_x = G.interchange(model, gp, "necessity", heads=top, checkpoint=store.checkpoint("necessity_top", ck),
+                              max_batch=max_batch, **kw)
+        suf_x = G.interchange(model, gp, "sufficiency", heads=top, checkpoint=store.checkpoint("sufficiency_top", ck),
+                              max_batch=max_batch, **kw)
+        nec = _replace(nec.assign(method="attribution"), nec_x.assign(method="exact"))
+        suf = _replace(suf.assign(method="attribution"), suf_x.assign(method="exact"))
     t2 = time.time()
     summary = G.summarise(nec, suf, gap)
+    methods = nec.groupby(["layer", "head"]).method.first()
+    summary["method"] = [methods.loc[(l, h)] for l, h in zip(summary.layer, summary["head"])]
     dla, dla_pairs = G.head_dla(model, gp, seed=seed)
     t3 = time.time()
-    gate = G.gate_of(summary)
+    confirmed = summary[summary.method == "exact"]
+    gate = G.gate_of(confirmed)
     dla_rank = dla.assign(a=dla.dla.abs()).sort_values("a", ascending=False).reset_index(drop=True)
     rank = int(dla_rank.index[(dla_rank.layer == gate.layer) & (dla_rank["head"] == gate["head"])][0]) + 1
     table = summary.sort_values(["layer", "head"])[["layer", "head", "necessity", "sufficiency", "necessity_pct",
-                                                    "sufficiency_pct", "gap"]].assign(method=method)
+                                                    "sufficiency_pct", "gap", "method"]]
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "interchange.csv", lambda p: table.to_csv(p, index=False))
     _atomic_write(out / "head_dla.csv", lambda p: dla[["layer", "head", "dla", "ci_lo", "ci_hi"]].to_csv(p, index=False))
@@ -80,22 +107,58 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
     _atomic_write(out / "pairs.csv", lambda p: pairs_out.to_csv(p, index=False))
     per_pair = pd.concat([nec, suf], ignore_index=True)
     _atomic_write(out / "interchange_pairs.csv", lambda p: per_pair.to_csv(p, index=False))
+    abl_info, det = None, None
+    if ablation:
+        from . import routing as R
+
+        band = G.depth_band(model.n_layers)
+        in_band = dla_rank[dla_rank.layer.isin(band)].head(n_dla_candidates)
+        cands = sorted({(int(l), int(h)) for l, h in zip(in_band.layer, in_band["head"])}
+                       | {(int(l), int(h)) for l, h in zip(summary.layer[:top_k], summary["head"][:top_k])}
+                       | {(int(gate.layer), int(gate["head"]))})
+        try:
+            det = R.detection_direction(model, gp)
+        except ValueError as err:
+            log(f"warning: per-head ablation skipped: {err}")
+            det = None
+    if ablation and det is not None:
+        abl = R.directional_ablation(model, gp, det.direction, heads=cands, max_batch=max_batch, progress=progress,
+                                     checkpoint=store.checkpoint("ablation", {**key, "heads": cands}))
+        abl_sum = R.summarise_ablation(abl, mean_gap)
+        _atomic_write(out / "ablation.csv", lambda p: abl_sum.to_csv(p, index=False))
+        best = abl_sum.iloc[0]
+        g_abl = abl_sum[(abl_sum.layer == gate.layer) & (abl_sum["head"] == gate["head"])].iloc[0]
+        abl_info = {"detection_layer": det.layer, "alpha": 5.0, "n_heads": len(cands),
+                    "top_head": f"L{int(best.layer)}H{int(best['head'])}", "top_reduction": float(best.reduction),
+                    "gate_reduction": float(g_abl.reduction)}
+    t4 = time.time()
     manifest = {
         "model": model.name, "weights": model.meta.get("fingerprint", ""), "source": model.meta.get("source", ""),
         "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.d_model,
         "n_params": int(sum(p.numel() for p in model.hf_model.parameters())),
         "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": len(gp), "align": align,
-        "method": method, "seed": seed, "versions": package_versions(),
-        "timings_s": {"pairs_and_gaps": round(t1 - t0, 1), "interchange": round(t2 - t1, 1),
-                      "dla": round(t3 - t2, 1), "total": round(time.time() - t0, 1)},
+        "method": method, "top_k": int(top_k) if method == "attribution" else None,
+        "n_exact_heads": int((summary.method == "exact").sum()), "seed": seed, "versions": package_versions(),
+        "timings_s": {"pairs_and_gaps": round(t1 - t0, 1), "attribution": round(t_atp, 1),
+                      "interchange": round(t2 - t1 - t_atp, 1), "dla": round(t3 - t2, 1),
+                      "ablation": round(t4 - t3, 1), "total": round(time.time() - t0, 1)},
         "mean_gap": mean_gap,
         "gate": {"layer": int(gate.layer), "head": int(gate["head"]), "necessity_pct": float(gate.necessity_pct),
                  "sufficiency_pct": float(gate.sufficiency_pct), "dla_rank": rank},
+        "ablation": abl_info,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     text = json.dumps(manifest, indent=2)
     _atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
     return manifest
+
+
+def _replace(estimates: pd.DataFrame, exact: pd.DataFrame) -> pd.DataFrame:
+    """The estimate rows, with those of the heads in ``exact`` replaced by the exact ones."""
+    keys = set(map(tuple, exact[["layer", "head"]].values.tolist()))
+    keep = [(l, h) not in keys for l, h in zip(estimates.layer, estimates["head"])]
+    out = pd.concat([estimates[keep], exact], ignore_index=True)
+    return out.sort_values(["layer", "head"], kind="stable").reset_index(drop=True)
 
 
 def gate_line(manifest: dict) -> str:
@@ -108,7 +171,8 @@ def gate_line(manifest: dict) -> str:
 
 def read_screens(root: str | Path) -> pd.DataFrame:
     """One row per screen folder (a ``manifest.json`` beside an ``interchange.csv``) below ``root``:
-    model, layers, heads, parameters, the gate, its depth as a fraction of the layers, necessity %."""
+    model, layers, heads, parameters, the gate, its depth as a fraction of the layers, necessity %, and
+    the strongest per-head directional ablation (head and NLL reduction)."""
     rows = []
     for m in sorted(Path(root).rglob("manifest.json")):
         if not (m.parent / "interchange.csv").exists():
@@ -121,5 +185,8 @@ def read_screens(root: str | Path) -> pd.DataFrame:
                      "heads": info["n_heads"], "params_b": info["n_params"] / 1e9, "align": info["align"],
                      "n_pairs": info["n_pairs"], "gate": f"L{g['layer']}H{g['head']}", "gate_layer": g["layer"],
                      "gate_depth": g["layer"] / max(info["n_layers"] - 1, 1), "necessity_pct": g["necessity_pct"],
-                     "sufficiency_pct": g["sufficiency_pct"], "dla_rank": g["dla_rank"]})
+                     "sufficiency_pct": g["sufficiency_pct"], "dla_rank": g["dla_rank"],
+                     "method": info.get("method", "exact"),
+                     "ablation_top_head": (info.get("ablation") or {}).get("top_head"),
+                     "ablation_top_reduction": (info.get("ablation") or {}).get("top_reduction")})
     return pd.DataFrame(rows)
