@@ -122,6 +122,10 @@ def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, caps
     est = G.summarise(*(G.attribution(m, G.prepare_pairs(m, G.load_pairs(pairs_csv), n_pairs=3), d, progress=False)
                         for d in ("necessity", "sufficiency")), pd.read_csv(tmp_path / "atp" / "pairs.csv"))
     assert set(zip(est.layer[:3], est["head"][:3])) == set(zip(x.layer, x["head"]))
+    written = pd.read_csv(tmp_path / "atp" / "attribution.csv")
+    assert len(written) == len(a) and written.sort_values("rank").combined.values == pytest.approx(
+        est.combined.values, abs=1e-6)
+    assert not (tmp_path / "exact" / "attribution.csv").exists()
     abl = pd.read_csv(tmp_path / "atp" / "ablation.csv")
     assert {"layer", "head", "reduction", "reduction_pct", "rank"} <= set(abl.columns)
     assert at["ablation"]["top_head"] == f"L{abl.layer[0]}H{abl['head'][0]}"

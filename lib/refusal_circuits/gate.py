@@ -431,9 +431,10 @@ def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessi
 @torch.no_grad()
 def interchange_loop(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", align: Align = "end",
                      heads: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
-    """The paper's procedure, written plainly: for every head and pair, batch 1, capture the source
-    run's ``z`` and run the whole target sequence with that head's ``z`` written at the mapped positions
-    (full logits). Slow; the reference that :func:`interchange` must equal."""
+    """The paper's procedure, written plainly: for every pair, batch 1, capture the source run's ``z``
+    at every layer once, then for every head one full forward of the target sequence with that head's
+    ``z`` written at the mapped positions (full logits). Slow; the reference that :func:`interchange`
+    must equal, and the baseline of ``make bench``."""
     heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)] if heads is None else list(heads)
     rows = []
     dev = model.device
@@ -442,8 +443,9 @@ def interchange_loop(model: ChatModel, gp: GatePairs, direction: Direction = "ne
         t, s = target[None].to(dev), source[None].to(dev)
         base = float(_nll(model.bridge(t)[:, -(len(gp.targets[i]) + 1):], [gp.targets[i]])[0])
         mask, src = position_map([t.shape[1]], [s.shape[1]], t.shape[1], s.shape[1], align)
+        names = {hooks.z(l) for l, _ in heads}
+        _, cache = model.bridge.run_with_cache(s, names_filter=lambda n: n in names)
         for l, h in heads:
-            _, cache = model.bridge.run_with_cache(s, names_filter=[hooks.z(l)])
             zs = cache[hooks.z(l)]
 
             def hook(z, hook, zs=zs, h=h):

@@ -220,10 +220,12 @@ def pattern_grid(model, pairs, heads, pair: int = 0, half: str = "harmful", titl
     return fig
 
 
-def null_histogram(null, observed: float, observed_name: str, title: str, x_label: str) -> go.Figure:
-    """A histogram of a null distribution with the observed value drawn as a vertical line."""
-    fig = go.Figure(go.Histogram(x=list(null), nbinsx=40, name="random directions", marker_color="#9aa5b1",
-                                 hovertemplate="%{x}<br>%{y} directions<extra></extra>"))
+def null_histogram(null, observed: float, observed_name: str, title: str, x_label: str,
+                   unit: str = "random directions", nbins: int = 40) -> go.Figure:
+    """A histogram of a null distribution (``unit`` names its draws) with the observed value drawn as a
+    vertical line."""
+    fig = go.Figure(go.Histogram(x=list(null), nbinsx=nbins, name=unit, marker_color="#9aa5b1",
+                                 hovertemplate="%{x}<br>%{y} " + unit + "<extra></extra>"))
     fig.add_vline(x=float(observed), line_color=HARMFUL_COLOR, line_width=3,
                   annotation_text=f"{observed_name}: {observed:.2f}", annotation_position="top")
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title="count", showlegend=False)

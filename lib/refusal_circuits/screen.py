@@ -5,7 +5,9 @@
 :func:`screen` computes, for every head, interchange necessity and sufficiency (NLL metric,
 :mod:`refusal_circuits.gate`) -- ``method="exact"``: the exact batched interchange of every head;
 ``method="attribution"``: the attribution estimate for every head, then the exact interchange of the
-``top_k`` heads it ranks highest (the gate is chosen among the exactly confirmed heads) -- output DLA,
+``top_k`` heads it ranks highest and of its ``n_band`` best in the paper's 25-65% depth band (the gate
+is chosen among the exactly confirmed heads; ``band_gate`` in the manifest is the best confirmed head
+in that band, where the paper looked) -- output DLA,
 and per-head directional ablation of the candidate heads (:mod:`refusal_circuits.routing`: the top 20 by
 |DLA| in the 25-65% depth band, as the paper screened, and the top heads by interchange), and writes
 
@@ -14,6 +16,8 @@ and per-head directional ablation of the candidate heads (:mod:`refusal_circuits
 * ``DIR/head_dla.csv`` -- ``layer, head, dla, ci_lo, ci_hi``;
 * ``DIR/ablation.csv`` -- ``layer, head, reduction, reduction_pct, rank`` for the candidate heads;
 * ``DIR/interchange_pairs.csv`` -- every (head, pair, direction) effect, with its ``method``;
+* ``DIR/attribution.csv`` (``method="attribution"``) -- every head's estimated ``necessity_pct,
+  sufficiency_pct, combined`` and its rank by the estimate, the confirmed heads included;
 * ``DIR/pairs.csv`` -- the pairs used, their target tokens and NLL gaps;
 * ``DIR/manifest.json`` -- model, weights fingerprint, pairs-file hash, ``n_pairs``, ``align``,
   ``method``, seed, package versions, timings, and the gate.
@@ -46,7 +50,8 @@ def _file_hash(path: Path) -> str:
 
 def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pairs: int | None = None,
            align: G.Align = "end", method: str = "exact", top_k: int = 10, seed: int = 0, max_batch: int = 64,
-           ablation: bool = True, n_dla_candidates: int = 20, progress: bool = True, log=print) -> dict:
+           ablation: bool = True, n_dla_candidates: int = 20, n_band: int = 3, progress: bool = True,
+           log=print) -> dict:
     """Screen every head of ``model`` on the pairs of ``pairs_file`` and write ``out_dir`` (see the
     module docstring). Returns the manifest. A model whose sensitive prompts are not less likely to be
     answered than the controls (mean gap <= 0) is reported, and the tables are still written."""
@@ -80,7 +85,11 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         suf = G.attribution(model, gp, "sufficiency", checkpoint=store.checkpoint("atp_sufficiency", key), **kw)
         t_atp = time.time() - t1
         est = G.summarise(nec, suf, gap)
+        estimates = est[["layer", "head", "necessity_pct", "sufficiency_pct", "combined", "rank"]]
+        band = G.depth_band(model.n_layers)
+        in_band = est[est.layer.isin(band)].head(n_band)
         top = [(int(l), int(h)) for l, h in zip(est.layer[:top_k], est["head"][:top_k])]
+        top += [(int(l), int(h)) for l, h in zip(in_band.layer, in_band["head"]) if (int(l), int(h)) not in top]
         ck = {**key, "heads": top}
         nec_x = G.interchange(model, gp, "necessity", heads=top, checkpoint=store.checkpoint("necessity_top", ck),
                               max_batch=max_batch, **kw)
@@ -96,6 +105,8 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
     t3 = time.time()
     confirmed = summary[summary.method == "exact"]
     gate = G.gate_of(confirmed)
+    band_rows = confirmed[confirmed.layer.isin(G.depth_band(model.n_layers))]
+    band_gate = G.gate_of(band_rows) if len(band_rows) else None
     dla_rank = dla.assign(a=dla.dla.abs()).sort_values("a", ascending=False).reset_index(drop=True)
     rank = int(dla_rank.index[(dla_rank.layer == gate.layer) & (dla_rank["head"] == gate["head"])][0]) + 1
     table = summary.sort_values(["layer", "head"])[["layer", "head", "necessity", "sufficiency", "necessity_pct",
@@ -107,6 +118,8 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
     _atomic_write(out / "pairs.csv", lambda p: pairs_out.to_csv(p, index=False))
     per_pair = pd.concat([nec, suf], ignore_index=True)
     _atomic_write(out / "interchange_pairs.csv", lambda p: per_pair.to_csv(p, index=False))
+    if method == "attribution":
+        _atomic_write(out / "attribution.csv", lambda p: estimates.sort_values(["layer", "head"]).to_csv(p, index=False))
     abl_info, det = None, None
     if ablation:
         from . import routing as R
@@ -145,6 +158,10 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         "mean_gap": mean_gap,
         "gate": {"layer": int(gate.layer), "head": int(gate["head"]), "necessity_pct": float(gate.necessity_pct),
                  "sufficiency_pct": float(gate.sufficiency_pct), "dla_rank": rank},
+        "band_gate": None if band_gate is None else {
+            "layer": int(band_gate.layer), "head": int(band_gate["head"]),
+            "necessity_pct": float(band_gate.necessity_pct), "sufficiency_pct": float(band_gate.sufficiency_pct),
+            "band": [G.depth_band(model.n_layers).start, G.depth_band(model.n_layers).stop - 1]},
         "ablation": abl_info,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
