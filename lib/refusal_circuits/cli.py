@@ -5,6 +5,8 @@
     refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
     refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start]
                             [--method exact|attribution] [--top-k K] [--no-ablation] [--device cpu|cuda|auto] [--dtype ...] [--seed S]
+    refusal-circuits cipher --model NAME --pairs FILE.csv --out SCREEN_DIR [--n-pairs N] [--top-k K]
+                            [--max-new-tokens T] [--n-random R] [--device ...] [--seed S]
 
 Bad input (a model that is not here, a device this torch does not have, a missing column) ends with one
 ``error: ...`` line on stderr and exit status 2. Library warnings are silenced unless ``--verbose``.
@@ -87,7 +89,7 @@ def _screen(args) -> int:
         raise SystemExit(f"error: pair file {pairs} does not exist.")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.top_k < 1:
-        raise SystemExit(f"error: --top-k must be >= 1, got {args.top_k}.")
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}.")
     manifest = screen(model, pairs, args.out, n_pairs=args.n_pairs, align=args.align, method=args.method,
                       top_k=args.top_k, seed=args.seed, ablation=not args.no_ablation, progress=not args.quiet,
                       log=lambda msg: print(msg, file=sys.stderr))
@@ -101,6 +103,31 @@ def _screen(args) -> int:
     print(f"top {len(top)} heads by necessity % + sufficiency %: " + ", ".join(
         f"L{r.layer}H{r.head} ({r.necessity_pct:.1f} + {r.sufficiency_pct:.1f})" for r in top.itertuples()))
     print(gate_line(manifest))
+    return 0
+
+
+def _cipher(args) -> int:
+    from .models import load_model
+    from .screen import cipher_line, cipher_screen
+
+    pairs = Path(args.pairs)
+    if not pairs.exists():
+        raise ValueError(f"pair file {pairs} does not exist.")
+    for name in ("top_k", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.n_random < 0:
+        raise ValueError(f"--n-random must be >= 0, got {args.n_random}.")
+    if not (Path(args.out) / "manifest.json").exists():
+        raise ValueError(f"no screen in {args.out}: run `refusal-circuits screen --model {args.model} "
+                         f"--pairs {args.pairs} --out {args.out}` first (the cipher stage tests that screen's gate).")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    manifest = cipher_screen(model, pairs, args.out, n_pairs=args.n_pairs, align=args.align, top_k=args.top_k,
+                             max_new_tokens=args.max_new_tokens, n_random=args.n_random, seed=args.seed,
+                             progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
+    print(f"wrote {args.out}/cipher/interchange.csv, collapse.csv, rescue.csv, manifest.json "
+          f"({manifest['n_pairs']} pairs, {manifest['timings_s']['total']:.0f} s)")
+    print(cipher_line(manifest))
     return 0
 
 
@@ -170,6 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_screen)
+
+    c = sub.add_parser("cipher", help="the cipher stage: the screen's gate and top heads on cipher-encoded sensitive "
+                                      "prompts (interchange collapse) and the rescue; writes DIR/cipher/")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id in the cache, or a folder")
+    c.add_argument("--pairs", required=True, help="the screen's pair CSV")
+    c.add_argument("--out", required=True, help="the model's screen folder (written by `screen`)")
+    c.add_argument("--n-pairs", type=int, default=None, help="pairs (default: the screen's)")
+    c.add_argument("--align", choices=["end", "start"], default=None, help="default: the screen's")
+    c.add_argument("--top-k", type=int, default=5, help="heads tested: the gate and the screen's next best")
+    c.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per rescue generation")
+    c.add_argument("--n-random", type=int, default=10, help="random heads for the rescue control")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cipher)
 
     args = parser.parse_args(argv)
     if not args.verbose:

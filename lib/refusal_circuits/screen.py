@@ -207,3 +207,109 @@ def read_screens(root: str | Path) -> pd.DataFrame:
                      "ablation_top_head": (info.get("ablation") or {}).get("top_head"),
                      "ablation_top_reduction": (info.get("ablation") or {}).get("top_reduction")})
     return pd.DataFrame(rows)
+
+
+def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Path, n_pairs: int | None = None,
+                  align: G.Align | None = None, top_k: int = 5, max_new_tokens: int = 64, n_random: int = 10,
+                  seed: int = 0, progress: bool = True, log=print) -> dict:
+    """The cipher stage of one model, written next to its screen: ``screen_dir/cipher/``.
+
+    Reads the gate (and the top heads) of the screen in ``screen_dir``; on the same pairs with the
+    sensitive prompt encoded (:mod:`refusal_circuits.cipher`) it measures each head's necessity and
+    sufficiency plain and cipher and the collapse, and the rescue: greedy generations on the cipher
+    prompts with the gate's plain last-position ``z`` written in, against ``n_random`` random heads'.
+    Writes ``interchange.csv`` (per head and prompt kind), ``interchange_pairs.csv``, ``collapse.csv``,
+    ``rescue.csv`` and ``manifest.json``; parts are checkpointed, so a rerun resumes."""
+    from . import cipher as C
+
+    screen_dir = Path(screen_dir)
+    mpath = screen_dir / "manifest.json"
+    if not mpath.exists() or not (screen_dir / "interchange.csv").exists():
+        raise FileNotFoundError(f"No screen in {screen_dir}: run `refusal-circuits screen --model ... --out {screen_dir}` "
+                                "first (the cipher stage tests that screen's gate).")
+    info = json.loads(mpath.read_text())
+    align = align or info["align"]
+    n_pairs = n_pairs if n_pairs is not None else info["n_pairs"]
+    gate = (int(info["gate"]["layer"]), int(info["gate"]["head"]))
+    table = pd.read_csv(screen_dir / "interchange.csv")
+    table = table[table.method == "exact"].assign(c=lambda t: t.necessity_pct + t.sufficiency_pct)
+    top = [(int(l), int(h)) for l, h in zip(*table.sort_values("c", ascending=False)[["layer", "head"]].values.T)]
+    heads = [gate] + [h for h in top if h != gate][: max(0, top_k - 1)]
+    out = screen_dir / "cipher"
+    t0 = time.time()
+    cipher = C.load_cipher()
+    plain, cip = C.cipher_pairs(model, G.load_pairs(pairs_file), cipher, n_pairs=n_pairs, seed=seed)
+    key = {"pairs": _file_hash(Path(pairs_file)), "pair_ids": list(map(str, plain.pairs.pair_id)), "align": align,
+           "heads": heads, "cipher": cipher.key}
+    store = ResultsStore(slug(model.name), root=out / "checkpoints", fingerprint=model.meta.get("fingerprint", ""))
+    frames = []
+    for kind, gp in (("plain", plain), ("cipher", cip)):
+        for d in ("necessity", "sufficiency"):
+            df = G.interchange(model, gp, d, align, heads=heads, progress=progress,
+                               checkpoint=store.checkpoint(f"{kind}_{d}", key))
+            frames.append(df.assign(prompt=kind))
+    per_pair = pd.concat(frames, ignore_index=True)
+    gaps = {k: store.cached(f"{k}_gaps", key, lambda gp=gp: G.gaps(model, gp)) for k, gp in (("plain", plain), ("cipher", cip))}
+    rows, coll = [], []
+    for kind in ("plain", "cipher"):
+        sub = per_pair[per_pair.prompt == kind]
+        s = G.summarise(sub[sub.direction == "necessity"], sub[sub.direction == "sufficiency"], gaps[kind])
+        rows.append(s.assign(prompt=kind))
+    summary = pd.concat(rows, ignore_index=True)[["prompt", "layer", "head", "necessity", "sufficiency", "gap",
+                                                  "necessity_pct", "sufficiency_pct"]]
+    nec = per_pair[per_pair.direction == "necessity"]
+    for l, h in heads:
+        p = nec[(nec.prompt == "plain") & (nec.layer == l) & (nec["head"] == h)].effect.values
+        c = nec[(nec.prompt == "cipher") & (nec.layer == l) & (nec["head"] == h)].effect.values
+        r = C.collapse(p, c, seed=seed)
+        coll.append({"layer": l, "head": h, "is_gate": (l, h) == gate, "collapse_abs": r["absolute"],
+                     "collapse_abs_lo": r["absolute_ci"][0], "collapse_abs_hi": r["absolute_ci"][1],
+                     "collapse_signed": r["signed"], "collapse_signed_lo": r["signed_ci"][0],
+                     "collapse_signed_hi": r["signed_ci"][1]})
+    coll = pd.DataFrame(coll)
+    t1 = time.time()
+    import numpy as np
+
+    pool = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads) if (l, h) != gate]
+    rand = [pool[i] for i in sorted(np.random.default_rng(seed).permutation(len(pool))[: min(n_random, len(pool))])]
+    resc = C.rescue(model, list(plain.pairs.sensitive), list(cip.pairs.sensitive), [gate] + rand, max_new_tokens,
+                    progress=progress, checkpoint=store.checkpoint("rescue", {**key, "random": rand,
+                                                                              "tokens": max_new_tokens}))
+    resc["condition_kind"] = ["plain" if c == "plain" else "cipher" if c == "cipher" else
+                              "rescued (gate)" if c == f"L{gate[0]}H{gate[1]}" else "random head" for c in resc.condition]
+    t2 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in (("interchange.csv", summary), ("interchange_pairs.csv", per_pair), ("collapse.csv", coll),
+                     ("rescue.csv", resc)):
+        _atomic_write(out / name, lambda p, df=df: df.to_csv(p, index=False))
+    n = len(plain)
+    counts = resc.groupby("condition_kind").refused.sum()
+    rand_rates = resc[resc.condition_kind == "random head"].groupby("condition").refused.mean()
+    g = coll[coll.is_gate].iloc[0]
+    manifest = {
+        "model": model.name, "weights": model.meta.get("fingerprint", ""), "screen": str(screen_dir),
+        "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": n, "align": align,
+        "seed": seed, "cipher_seed": cipher.seed, "heads": [f"L{l}H{h}" for l, h in heads],
+        "gate": {"layer": gate[0], "head": gate[1], "collapse_abs": float(g.collapse_abs),
+                 "collapse_signed": float(g.collapse_signed)},
+        "mean_gap": {k: float(v.gap.mean()) for k, v in gaps.items()},
+        "rescue": {"n": n, "max_new_tokens": max_new_tokens, "plain_refused": int(counts.get("plain", 0)),
+                   "cipher_refused": int(counts.get("cipher", 0)), "rescued_refused": int(counts.get("rescued (gate)", 0)),
+                   "random_heads": [f"L{l}H{h}" for l, h in rand],
+                   "random_refused_mean": float(rand_rates.mean() * n) if len(rand_rates) else None},
+        "versions": package_versions(),
+        "timings_s": {"interchange": round(t1 - t0, 1), "rescue": round(t2 - t1, 1), "total": round(time.time() - t0, 1)},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    text = json.dumps(manifest, indent=2)
+    _atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
+    return manifest
+
+
+def cipher_line(manifest: dict) -> str:
+    """The cipher stage's last output line."""
+    g, r = manifest["gate"], manifest["rescue"]
+    return (f"gate=L{g['layer']}H{g['head']} collapse_abs={g['collapse_abs']:.3f} collapse_signed={g['collapse_signed']:.3f} "
+            f"plain_refused={r['plain_refused']}/{r['n']} cipher_refused={r['cipher_refused']}/{r['n']} "
+            f"rescued_refused={r['rescued_refused']}/{r['n']} random_refused_mean="
+            + ("na" if r["random_refused_mean"] is None else f"{r['random_refused_mean']:.2f}"))

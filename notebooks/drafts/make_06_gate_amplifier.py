@@ -282,8 +282,9 @@ rc.reference.show("knockout_cascade", {
     "amplifiers suppressed": f"{ko['suppressed']} of {ko['n_amplifiers']}",
     "amplifier suppression range %": "–".join(f"{v:.0f}" for v in ko["suppression_range_pct"]),
     "gate knockout change %": ko["gate_change_pct"], "random knockout change % (mean)": ko["random_mean_pct"],
-    "random knockout change % (sd)": ko["random_sd_pct"], "amplifiers": ", ".join(g_rows.amplifier)},
-    model.name, model="Qwen/Qwen3-8B")
+    "random knockout change % (sd)": ko["random_sd_pct"]}, model.name, model="Qwen/Qwen3-8B")
+rc.reference.show("knockout_cascade", {"gate knockout change %": ko["gate_change_pct"],
+                                       "amplifiers": ", ".join(g_rows.amplifier)}, model.name, model="google/gemma-2-2b-it")
 '''),
 ("md", '''
 ## Dose–response at the detection layer

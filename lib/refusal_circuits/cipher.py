@@ -1,0 +1,297 @@
+"""The in-context cipher of "How Alignment Routes" (arXiv 2604.04385; ``docs/methods.md``, "07_cipher"):
+a substitution cipher taught in the prompt, which the paper finds bypasses the gate.
+
+* :class:`Cipher` / :func:`load_cipher` -- the fixed, seeded monoalphabetic substitution over ``a-z`` and
+  the teaching preamble, from ``data/cipher.json`` (checked to be a bijection); :meth:`Cipher.encode`
+  lower-cases a prompt and substitutes letter by letter, other characters kept; :meth:`Cipher.decode`
+  inverts it; :meth:`Cipher.prompt` is the preamble with the 26 mappings and the encoded instruction;
+  :func:`make_key` draws a key (how ``data/cipher.json`` was made);
+* :func:`encode_pairs` -- a pair table with only the sensitive prompts encoded;
+* :func:`response_class` -- refusal / puzzle (the reply decodes or talks about the cipher) / other;
+* :func:`collapse` -- ``1 - mean|nec_cipher| / mean|nec_plain|`` and its signed version, bootstrap CIs;
+* :func:`last_z` / :func:`rescue` -- greedy generation on the cipher prompts with one head's ``z`` from
+  the plain prompt's last position written at the last position of every forward (the prompt pass and
+  each generated token).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import hooks
+from .batching import batches, cached_runs
+from .generation import generate
+from .metrics import is_refusal
+from .models import ChatModel
+from .paths import DATA_DIR
+from .results import Checkpoint, run_parts
+
+LETTERS = string.ascii_lowercase
+CIPHER_FILE = DATA_DIR / "cipher.json"
+PUZZLE_MARKERS = ("decode", "cipher", "substitut", "let's", "puzzle", "translate", "letter")
+
+
+class CipherError(ValueError):
+    """A cipher file that is not a usable substitution; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Cipher:
+    """A monoalphabetic substitution and its teaching preamble.
+
+    Attributes:
+        key: plain letter -> cipher letter, a bijection of ``a-z``.
+        preamble: the prompt template, with ``{mapping}`` (the 26 ``plain→cipher`` pairs) and
+            ``{message}`` (the encoded instruction).
+        seed: the seed the key was drawn with (:func:`make_key`).
+    """
+
+    key: dict
+    preamble: str
+    seed: int
+
+    def __post_init__(self):
+        check_key(self.key)
+        for field in ("{mapping}", "{message}"):
+            if field not in self.preamble:
+                raise CipherError(f"The cipher preamble has no {field} placeholder.")
+
+    def encode(self, text: str) -> str:
+        return "".join(self.key.get(c, c) for c in text.lower())
+
+    def decode(self, text: str) -> str:
+        inverse = {v: k for k, v in self.key.items()}
+        return "".join(inverse.get(c, c) for c in text)
+
+    @property
+    def mapping(self) -> str:
+        return ", ".join(f"{a}→{self.key[a]}" for a in LETTERS)
+
+    def prompt(self, instruction: str) -> str:
+        """The preamble with the mappings and ``instruction`` encoded."""
+        return self.preamble.format(mapping=self.mapping, message=self.encode(instruction))
+
+
+def check_key(key: dict) -> None:
+    """A key must map each of ``a-z`` to a distinct letter of ``a-z``."""
+    if sorted(key) != list(LETTERS):
+        raise CipherError(f"The cipher key must map exactly the letters a-z; it maps {''.join(sorted(key))!r}.")
+    if sorted(key.values()) != list(LETTERS):
+        dup = sorted({v for v in key.values() if list(key.values()).count(v) > 1})
+        raise CipherError(f"The cipher key is not a bijection of a-z (letters used twice: {dup}).")
+
+
+def make_key(seed: int) -> dict:
+    """A seeded random substitution of ``a-z`` with no letter mapped to itself."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(len(LETTERS))
+        if all(perm[i] != i for i in range(len(LETTERS))):
+            return {a: LETTERS[j] for a, j in zip(LETTERS, perm)}
+
+
+def load_cipher(path: str | Path = CIPHER_FILE) -> Cipher:
+    """The project's cipher (``data/cipher.json``: ``key``, ``preamble``, ``seed``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CipherError(f"Cipher file {path} does not exist.")
+    info = json.loads(path.read_text())
+    missing = [k for k in ("key", "preamble", "seed") if k not in info]
+    if missing:
+        raise CipherError(f"Cipher file {path} has no {missing} field(s).")
+    return Cipher(dict(info["key"]), info["preamble"], int(info["seed"]))
+
+
+def encode_pairs(df: pd.DataFrame, cipher: Cipher) -> pd.DataFrame:
+    """The pair table with each ``sensitive`` prompt replaced by its cipher prompt (the plain one kept
+    in ``plain``); the controls are not encoded."""
+    return df.assign(plain=df.sensitive, sensitive=[cipher.prompt(s) for s in df.sensitive])
+
+
+def response_class(text: str) -> str:
+    """``refusal`` (the substring score), else ``puzzle`` when the first 200 characters (lower-cased)
+    mention decoding, the cipher, substitution, letters, translating or a puzzle, or start a "let's",
+    else ``other``."""
+    if is_refusal(text):
+        return "refusal"
+    head = text[:200].lower()
+    return "puzzle" if any(m in head for m in PUZZLE_MARKERS) else "other"
+
+
+def collapse(nec_plain: np.ndarray, nec_cipher: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """How much of a head's necessity survives the cipher, from per-pair necessities on the same pairs:
+    ``absolute = 1 - mean|nec_cipher| / mean|nec_plain|`` and ``signed = 1 - mean(nec_cipher) /
+    mean(nec_plain)``, each with a bootstrap 95% interval over pairs (``n_boot`` resamples)."""
+    p, c = np.asarray(nec_plain, float), np.asarray(nec_cipher, float)
+    if p.shape != c.shape or len(p) == 0:
+        raise ValueError(f"need the same non-empty set of pairs for plain and cipher, got {p.shape} and {c.shape}.")
+    stat = lambda pp, cc: (1 - np.abs(cc).mean() / np.abs(pp).mean(), 1 - cc.mean() / pp.mean())  # noqa: E731
+    rng = np.random.default_rng(seed)
+    boot = np.array([stat(p[i], c[i]) for i in rng.integers(0, len(p), size=(n_boot, len(p)))])
+    a, s = stat(p, c)
+    lo, hi = np.nanquantile(boot, [0.025, 0.975], axis=0)
+    return {"absolute": float(a), "absolute_ci": (float(lo[0]), float(hi[0])),
+            "signed": float(s), "signed_ci": (float(lo[1]), float(hi[1])), "n_pairs": len(p)}
+
+
+@torch.no_grad()
+def last_z(model: ChatModel, instructions: Sequence[str], heads: Sequence[tuple[int, int]], batch_size: int = 16
+           ) -> dict[tuple[int, int], torch.Tensor]:
+    """Each head's ``z`` at the last prompt position of every instruction: ``{(layer, head): [n, d_head]}``."""
+    names = sorted({hooks.z(l) for l, _ in heads})
+    out: dict = {tuple(h): [] for h in heads}
+    for _, _, cache in cached_runs(model, list(instructions), names, batch_size):
+        for l, h in heads:
+            out[(l, h)].append(cache[hooks.z(l)][:, -1, h].detach())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _last_position_writer(head: int, values: torch.Tensor):
+    """A ``hook_z`` hook writing ``values [B, d_head]`` into ``head`` at the last position of every
+    forward: the prompt's last token on the prompt pass, the new token on each generation step."""
+
+    def hook(z, hook):
+        z = z.clone()
+        z[:, -1, head] = values.to(device=z.device, dtype=z.dtype)
+        return z
+
+    return hook
+
+
+def rescue(model: ChatModel, plain: Sequence[str], cipher_prompts: Sequence[str],
+           heads: Sequence[tuple[int, int]], max_new_tokens: int = 64, batch_size: int = 8,
+           checkpoint: Checkpoint | None = None, progress: bool = True) -> pd.DataFrame:
+    """Greedy generations on ``cipher_prompts`` with, for each of ``heads`` in turn, that head's ``z``
+    from the matching ``plain`` prompt's last position written at the last position of every forward;
+    plus the plain and the cipher prompts unpatched. One row per (condition, prompt): ``condition``
+    (``plain``, ``cipher``, ``L<l>H<h>``), ``head``, ``prompt_index, completion, refused, response``
+    (:func:`response_class`). Each condition is a checkpointed part."""
+    if len(plain) != len(cipher_prompts) or len(plain) == 0:
+        raise ValueError(f"need one cipher prompt per plain prompt (got {len(plain)} and {len(cipher_prompts)}).")
+    heads = [(int(l), int(h)) for l, h in heads]
+    zs = last_z(model, plain, heads, batch_size)
+    parts = ["plain", "cipher"] + [f"L{l}H{h}" for l, h in heads]
+
+    def run(part: str) -> pd.DataFrame:
+        comps = []
+        if part in ("plain", "cipher"):
+            comps = generate(model, plain if part == "plain" else cipher_prompts, max_new_tokens, batch_size,
+                             progress=False)
+        else:
+            l, h = heads[parts.index(part) - 2]
+            for idx in batches(list(range(len(plain))), batch_size):
+                fwd = [(hooks.z(l), _last_position_writer(h, zs[(l, h)][list(idx)]))]
+                comps += generate(model, [cipher_prompts[i] for i in idx], max_new_tokens, len(idx), fwd,
+                                  progress=False)
+        return pd.DataFrame({"condition": part, "head": "" if part in ("plain", "cipher") else part,
+                             "prompt_index": range(len(comps)), "completion": comps,
+                             "refused": [is_refusal(c) for c in comps],
+                             "response": [response_class(c) for c in comps]})
+
+    return run_parts(parts, run, checkpoint, "rescue", progress, part_ids=parts)
+
+
+def cipher_pairs(model: ChatModel, df: pd.DataFrame, cipher: Cipher, n_pairs: int | None = None, seed: int = 0
+                 ) -> tuple["G.GatePairs", "G.GatePairs"]:
+    """The same pairs plain and with the sensitive prompt encoded: ``(plain, cipher)`` gate pairs with
+    the same controls and the same target tokens (the control's greedy reply), so every NLL of the two
+    is comparable."""
+    from . import gate as G
+
+    plain = G.prepare_pairs(model, df, n_pairs=n_pairs, seed=seed)
+    tok = model.tokenizer
+    texts = [cipher.prompt(s) for s in plain.pairs.sensitive]
+    ids = [torch.tensor(tok(model.format_prompt(t), add_special_tokens=False)["input_ids"]) for t in texts]
+    table = plain.pairs.assign(plain=plain.pairs.sensitive, sensitive=texts, n_sensitive=[len(i) for i in ids])
+    return plain, G.GatePairs(table, ids, plain.control, plain.targets)
+
+
+def band_interchange(model: ChatModel, gp: "G.GatePairs", heads: Sequence[tuple[int, int]],
+                     direction: str = "necessity", align: str = "end", pairs_per_batch: int = 8) -> pd.DataFrame:
+    """Interchange of several heads *together* (a band): each pair's target run with all of ``heads``'
+    ``z`` taken from the source run at the aligned positions, in one forward. One row per pair:
+    ``pair_id, baseline, patched, effect`` (as :func:`refusal_circuits.gate.interchange`)."""
+    from . import gate as G
+
+    G._check(direction, gp)
+    layers = sorted({int(l) for l, _ in heads})
+    rows = []
+    for idx in G._pair_batches(len(gp), pairs_per_batch):
+        target, source = G._runs(gp, idx, direction, align)
+        mask, src = G._alignment(target, source, align, model.device)
+        with torch.no_grad():
+            aligned = G._source_z(model, source, layers, src)
+            c = G._target_batch(model, target, [gp.targets[i] for i in idx], [])
+
+            def make(l):
+                hs = [int(h) for ll, h in heads if int(ll) == l]
+
+                def hook(z, hook):
+                    z = z.clone()
+                    for h in hs:
+                        z[:, :, h] = torch.where(mask[:, :, None], aligned[l][:, :, h].to(z.dtype), z[:, :, h])
+                    return z
+
+                return hook
+
+            with model.bridge.hooks(fwd_hooks=[(hooks.z(l), make(l)) for l in layers]):
+                logits = model.bridge(c["t_ids"], attention_mask=c["t_mask"], logits_to_keep=c["K"])
+            patched = G._nll(logits, c["targets"])
+        for bi, i in enumerate(idx):
+            b0, p0 = float(c["baseline"][bi]), float(patched[bi])
+            rows.append({"pair_id": gp.pairs.pair_id.iloc[i], "direction": direction, "baseline": b0, "patched": p0,
+                         "effect": b0 - p0 if direction == "necessity" else p0 - b0})
+    return pd.DataFrame(rows)
+
+
+def dla_contrast(model: ChatModel, plain: "G.GatePairs", cipher_gp: "G.GatePairs", batch_size: int = 8
+                 ) -> pd.DataFrame:
+    """Per head: mean output DLA of the sensitive prompts plain and cipher-encoded (the gate's DLA,
+    :func:`refusal_circuits.gate.head_dla_pairs`, same target tokens) and ``contrast = |plain -
+    cipher|``, ranked (1 = the most cipher-sensitive head)."""
+    from . import gate as G
+
+    sp, _ = G.head_dla_pairs(model, plain, batch_size)
+    sc, _ = G.head_dla_pairs(model, cipher_gp, batch_size)
+    p, c = sp.mean(-1), sc.mean(-1)                                                # [L, H]
+    L, H = p.shape
+    df = pd.DataFrame([{"layer": l, "head": h, "dla_plain": float(p[l, h]), "dla_cipher": float(c[l, h])}
+                       for l in range(L) for h in range(H)])
+    df["contrast"] = (df.dla_plain - df.dla_cipher).abs()
+    df["rank"] = df.contrast.rank(ascending=False, method="first").astype(int)
+    return df.sort_values("rank").reset_index(drop=True)
+
+
+def bands(contrast: pd.DataFrame, top: int = 20, min_heads: int = 2) -> list[list[tuple[int, int]]]:
+    """Layers with at least ``min_heads`` heads among the ``top`` most cipher-sensitive heads: one list
+    of heads per such layer, strongest layer first."""
+    t = contrast.sort_values("rank").head(top)
+    groups = [(sub.contrast.sum(), [(int(l), int(h)) for l, h in zip(sub.layer, sub["head"])])
+              for _, sub in t.groupby("layer") if len(sub) >= min_heads]
+    return [g for _, g in sorted(groups, key=lambda x: -x[0])]
+
+
+@torch.no_grad()
+def probe_profile(model: ChatModel, prompts: dict[str, Sequence[str]], direction: torch.Tensor,
+                  batch_size: int = 16) -> pd.DataFrame:
+    """``resid_pre[l] . d`` (``d`` unit length) at the last prompt position, for every layer and prompt
+    of each named prompt set: one row per (kind, prompt, layer): ``kind, prompt_index, layer, value``."""
+    d = (direction / direction.norm()).float().cpu()
+    names = [hooks.resid_pre(l) for l in range(model.n_layers)]
+    rows = []
+    for kind, items in prompts.items():
+        i0 = 0
+        for batch, _, cache in cached_runs(model, list(items), names, batch_size):
+            for l, n in enumerate(names):
+                vals = cache[n][:, -1].float().cpu() @ d
+                rows += [{"kind": kind, "prompt_index": i0 + b, "layer": l, "value": float(v)} for b, v in enumerate(vals)]
+            i0 += len(batch)
+    return pd.DataFrame(rows)
