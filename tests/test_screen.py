@@ -106,7 +106,7 @@ def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, caps
     from refusal_circuits.screen import screen
 
     m = load_model("tiny-llama")
-    ex = screen(m, pairs_csv, tmp_path / "exact", n_pairs=3, progress=False)
+    screen(m, pairs_csv, tmp_path / "exact", n_pairs=3, progress=False)
     at = screen(m, pairs_csv, tmp_path / "atp", n_pairs=3, method="attribution", top_k=3, progress=False)
     a = pd.read_csv(tmp_path / "atp" / "interchange.csv")
     e = pd.read_csv(tmp_path / "exact" / "interchange.csv")

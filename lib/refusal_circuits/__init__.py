@@ -9,13 +9,14 @@ Layers, lowest first (each imports only those below it; ``docs/methods.md`` desc
   batches / progress / the activation loop, the resumable results store, the reference numbers, figures;
 * ``scoring``, ``generation`` -- logit metrics and greedy generations of a model's prompts;
 * ``direction``, ``patching``, ``heads``, ``dla``, ``gate``, ``routing`` -- the analyses (``routing``: the
-  gate's downstream: ablation, knockout cascade, dose-response); ``stages`` -- the artifacts
+  gate's downstream: ablation, knockout cascade, dose-response), ``cipher`` (the in-context cipher);
+  ``stages`` -- the artifacts
   later notebooks build on; ``screen`` -- one model's gate screen written as a folder (the panel's unit).
 
 Above the core, never imported by it: ``organism`` (training the refusal organism), ``cli``, ``runner``.
 """
 
-from . import (batching, data, direction, dla, gate, generation, heads, hooks, metrics, models,  # noqa: F401
+from . import (batching, cipher, data, direction, dla, gate, generation, heads, hooks, metrics, models,  # noqa: F401
                patching, paths, plotting, reference, results, routing, scoring, screen, stages)
 from .data import (AlignedPairs, PairAlignmentError, align_pairs, load_instructions, load_safety_pairs,
                    load_toy_pairs)

@@ -380,7 +380,6 @@ def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessi
     :func:`interchange`; ``patched`` is the linear estimate."""
     _check(direction, gp)
     wanted = _by_layer(_head_list(model, heads))
-    layers = list(range(model.n_layers))
     batches = _pair_batches(len(gp), pairs_per_batch)
     pad = model.tokenizer.pad_token_id
 

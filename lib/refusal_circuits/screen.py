@@ -214,7 +214,8 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
                   seed: int = 0, progress: bool = True, log=print) -> dict:
     """The cipher stage of one model, written next to its screen: ``screen_dir/cipher/``.
 
-    Reads the gate (and the top heads) of the screen in ``screen_dir``; on the same pairs with the
+    Reads the gate (and the top heads, and the best head of the paper's depth band) of the screen in
+    ``screen_dir``; on the same pairs with the
     sensitive prompt encoded (:mod:`refusal_circuits.cipher`) it measures each head's necessity and
     sufficiency plain and cipher and the collapse, and the rescue: greedy generations on the cipher
     prompts with the gate's plain last-position ``z`` written in, against ``n_random`` random heads'.
@@ -234,7 +235,11 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
     table = pd.read_csv(screen_dir / "interchange.csv")
     table = table[table.method == "exact"].assign(c=lambda t: t.necessity_pct + t.sufficiency_pct)
     top = [(int(l), int(h)) for l, h in zip(*table.sort_values("c", ascending=False)[["layer", "head"]].values.T)]
+    band = info.get("band_gate")
+    band_gate = (int(band["layer"]), int(band["head"])) if band else None
     heads = [gate] + [h for h in top if h != gate][: max(0, top_k - 1)]
+    if band_gate is not None and band_gate not in heads:
+        heads.append(band_gate)
     out = screen_dir / "cipher"
     t0 = time.time()
     cipher = C.load_cipher()
@@ -272,11 +277,15 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
 
     pool = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads) if (l, h) != gate]
     rand = [pool[i] for i in sorted(np.random.default_rng(seed).permutation(len(pool))[: min(n_random, len(pool))])]
-    resc = C.rescue(model, list(plain.pairs.sensitive), list(cip.pairs.sensitive), [gate] + rand, max_new_tokens,
+    rescuers = [gate] + ([band_gate] if band_gate not in (None, gate) else [])
+    rand = [h for h in rand if h not in rescuers]
+    resc = C.rescue(model, list(plain.pairs.sensitive), list(cip.pairs.sensitive), rescuers + rand, max_new_tokens,
                     progress=progress, checkpoint=store.checkpoint("rescue", {**key, "random": rand,
                                                                               "tokens": max_new_tokens}))
     resc["condition_kind"] = ["plain" if c == "plain" else "cipher" if c == "cipher" else
-                              "rescued (gate)" if c == f"L{gate[0]}H{gate[1]}" else "random head" for c in resc.condition]
+                              "rescued (gate)" if c == f"L{gate[0]}H{gate[1]}" else
+                              "rescued (band gate)" if band_gate and c == f"L{band_gate[0]}H{band_gate[1]}" else
+                              "random head" for c in resc.condition]
     t2 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     for name, df in (("interchange.csv", summary), ("interchange_pairs.csv", per_pair), ("collapse.csv", coll),
@@ -295,6 +304,8 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
         "mean_gap": {k: float(v.gap.mean()) for k, v in gaps.items()},
         "rescue": {"n": n, "max_new_tokens": max_new_tokens, "plain_refused": int(counts.get("plain", 0)),
                    "cipher_refused": int(counts.get("cipher", 0)), "rescued_refused": int(counts.get("rescued (gate)", 0)),
+                   "band_gate": None if band_gate in (None, gate) else f"L{band_gate[0]}H{band_gate[1]}",
+                   "band_gate_rescued_refused": int(counts["rescued (band gate)"]) if "rescued (band gate)" in counts else None,
                    "random_heads": [f"L{l}H{h}" for l, h in rand],
                    "random_refused_mean": float(rand_rates.mean() * n) if len(rand_rates) else None},
         "versions": package_versions(),
