@@ -195,7 +195,7 @@ def read_screens(root: str | Path) -> pd.DataFrame:
         if not (m.parent / "interchange.csv").exists():
             continue
         info = json.loads(m.read_text())
-        if "gate" not in info:
+        if "gate" not in info or "n_layers" not in info or "screen" in info:   # a cipher stage's folder is not a screen
             continue
         g = info["gate"]
         rows.append({"model": info["model"], "folder": str(m.parent), "layers": info["n_layers"],

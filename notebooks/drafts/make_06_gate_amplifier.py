@@ -48,8 +48,8 @@ N_PERM = 10_000
 N_BOOT = 1_000
 N_AMPLIFIERS = 5        # knockout cascade: amplifiers = the top heads by |DLA| after the gate's layer
 N_RANDOM = 20           # ... and the null: random heads from layers within +-2 of the gate
-DOSE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)   # alpha as a fraction of the residual norm
-DOSE_TOKENS = 32
+DOSE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5)   # alpha as a fraction of the residual norm
+DOSE_TOKENS = 24
 SEED = 0
 '''),
 ("code", SETUP),

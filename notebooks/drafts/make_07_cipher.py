@@ -37,7 +37,7 @@ N_PAIRS = 16            # the screen's pairs (notebook 06's default)
 ALIGN = "end"
 METHOD = "attribution"  # how notebook 06's screen ranks the heads (its default)
 TOP_K = 5               # heads whose collapse is measured: the gate and the screen's next best
-MAX_NEW_TOKENS = 48     # greedy tokens per rescue generation (the paper: 150)
+MAX_NEW_TOKENS = 24     # greedy tokens per rescue generation (the paper: 150; a refusal shows in the first few)
 N_RANDOM = 10           # random heads for the rescue control
 N_CONTRAST = 20         # the most cipher-sensitive heads searched for bands
 SEED = 0
@@ -184,7 +184,7 @@ if found:
     for kind, gp in (("plain", plain), ("cipher", cip)):
         eff = store.cached(f"band_interchange_{kind}", {"pairs": list(map(str, gp.pairs.pair_id)), "band": band},
                            lambda gp=gp: C.band_interchange(model, gp, band, "necessity", ALIGN))
-        gap = float(rc.gate.gaps(model, gp).gap.mean())
+        gap = manifest["mean_gap"][kind]
         print(f"band L{band[0][0]} ({len(band)} heads together), {kind}: necessity {100 * eff.effect.mean() / gap:.2f}% of the gap")
 '''),
 ("md", '''
@@ -226,9 +226,11 @@ print(f"- the cipher prompt is not refused (plain {r['plain_refused']}/{n}, ciph
 print(f"- the model engages with the puzzle ({n_puzzle}/{n} cipher replies are puzzle-like): {verdict(n_puzzle > n / 2)}")
 print(f"- the gate's interchange effect collapses under the cipher (ours {gate['collapse_abs']:.1%}; paper "
       f"{min(ref_coll):.1f}–{max(ref_coll):.1f}%): {verdict(gate['collapse_abs'] >= 0.5)}")
-print(f"- writing the plain gate back rescues refusals (rescued {r['rescued_refused']}/{n} vs random heads "
-      f"{r['random_refused_mean']:.1f}/{n}; Phi-4-mini {rc.reference.value('cipher_rescue', 'rescued refused')}): "
-      f"{verdict(r['rescued_refused'] > r['cipher_refused'] and r['rescued_refused'] > r['random_refused_mean'] + 1)}")
+bypassed = r["cipher_refused"] <= r["plain_refused"] / 2
+print(f"- writing the plain gate back rescues refusals (rescued {r['rescued_refused']}/{n} vs cipher {r['cipher_refused']}/{n} "
+      f"and random heads {r['random_refused_mean']:.1f}/{n}; Phi-4-mini {rc.reference.value('cipher_rescue', 'rescued refused')}): "
+      + (verdict(r['rescued_refused'] > r['cipher_refused'] and r['rescued_refused'] > r['random_refused_mean'] + 1)
+         if bypassed else "not testable here (the cipher does not remove the refusals, so there is nothing to rescue)"))
 print(f"- detection survives the encoding (cipher prompts {gap_cipher:.0%} of the way to the plain ones along d): "
       f"{verdict(gap_cipher >= 0.5)}")
 '''),
