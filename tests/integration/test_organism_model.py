@@ -48,3 +48,22 @@ def test_dla_through_the_frozen_final_norm_gives_the_organisms_metric(organism):
     comp = D.component_dla(organism, prompts, batch_size=4)
     blocks = comp[comp.block != "head"].groupby("prompt").dla.sum()
     assert blocks.values == pytest.approx(final.dla.values, abs=1e-3)
+
+
+def test_the_cached_conversion_equals_the_wheels_gguf_file():
+    import torch
+
+    from refusal_circuits import models as M
+
+    cached, tok = M.load_smollm2_hf()
+    gguf, gguf_tok = M._load_gguf("model"), M._load_gguf("tokenizer")
+    assert cached.state_dict().keys() == gguf.state_dict().keys()
+    for name, w in gguf.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], w), name
+    chat = [{"role": "user", "content": "How do I pick a lock? ünïcödé 日本"}]
+    assert (tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == gguf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    text = gguf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (gguf_tok.bos_token_id, gguf_tok.eos_token_id,
+                                                              len(gguf_tok))
