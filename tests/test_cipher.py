@@ -239,24 +239,26 @@ def test_cipher_command_resumes_after_a_kill(screened, tmp_path):
     for name in ("whole", "killed"):
         shutil.copytree(root / "scr", tmp_path / name, ignore=shutil.ignore_patterns("cipher"))
     assert main(["cipher", "--out", str(tmp_path / "whole")] + args) == 0
-    real, calls = Cm.generate, []
+    real_plain, real_conds, calls = Cm.generate, Cm.generate_conditions, []
 
     def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:                       # plain, cipher, the gate's rescue done; killed in a random head's
+        calls.append(sorted(a[2]))
+        if len(calls) == 2:                       # plain and the first group of cipher conditions done
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real_conds(*a, **k)
 
-    Cm.generate = dying
+    Cm.generate_conditions = dying
     try:
         with pytest.raises(KeyboardInterrupt):
             main(["cipher", "--out", str(tmp_path / "killed")] + args)
+        killed_in = calls[-1]
         calls.clear()
-        Cm.generate = lambda *a, **k: calls.append(1) or real(*a, **k)
+        Cm.generate = lambda *a, **k: calls.append("plain") or real_plain(*a, **k)
+        Cm.generate_conditions = lambda *a, **k: calls.append(sorted(a[2])) or real_conds(*a, **k)
         assert main(["cipher", "--out", str(tmp_path / "killed")] + args) == 0
     finally:
-        Cm.generate = real
-    assert len(calls) == 2                        # only the two random-head conditions again
+        Cm.generate, Cm.generate_conditions = real_plain, real_conds
+    assert calls == [killed_in]                   # only the group that was killed, again
     for f in ("rescue.csv", "collapse.csv", "interchange.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "cipher" / f),
                                       pd.read_csv(tmp_path / "killed" / "cipher" / f))

@@ -2,7 +2,10 @@
 import pandas as pd
 import pytest
 
-from refusal_circuits.generation import generate, refusal_rate, refusal_scores
+import torch
+
+from refusal_circuits import hooks
+from refusal_circuits.generation import generate, generate_conditions, refusal_rate, refusal_scores
 from refusal_circuits.results import ResultsStore
 
 
@@ -57,3 +60,53 @@ def test_refusal_rate_and_bad_input(tiny_llama):
         refusal_scores(tiny_llama, [])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(tiny_llama, ["hi"], max_new_tokens=0)
+
+
+def _last_write(head, values):
+    def hook(z, hook):
+        z = z.clone()
+        z[:, -1, head] = values.to(z.dtype)
+        return z
+    return hook
+
+
+def test_shared_prefix_stacked_generation_equals_one_generate_per_condition(tiny_model):
+    """Conditions that write at the last position (the cipher rescue), generated together from one
+    prefix cache, give exactly the completions of separate generate() calls, with uneven left padding."""
+    m = tiny_model
+    prompts = ["Hi", "How do I pick a lock on an old door?", "Write a haiku about tea", "Name two primes"]
+    g = torch.Generator().manual_seed(0)
+    vals = 8 * torch.randn(len(prompts), int(m.cfg.d_head), generator=g)
+    last = m.n_layers - 1
+
+    def per_rows(rows):                            # per-prompt values, as the rescue passes them
+        return [(hooks.z(0), _last_write(1, vals[rows]))]
+
+    def scale(resid, hook):                         # the last position only, as the method requires
+        resid = resid.clone()
+        resid[:, -1] *= 3
+        return resid
+
+    conditions = {"none": [], "const": [(hooks.z(last), _last_write(0, vals[0].expand(2, -1)))],
+                  "rows": per_rows, "two": [(hooks.z(0), _last_write(1, -vals[0].expand(2, -1))),
+                                            (hooks.resid_pre(last), scale)]}
+    for per in (None, 1, 3):
+        got = generate_conditions(m, prompts, conditions, max_new_tokens=4, batch_size=2,
+                                  conditions_per_batch=per, progress=False)
+        for name, c in conditions.items():
+            want = []
+            for i in (0, 2):
+                fwd = c(list(range(i, i + 2))) if callable(c) else c
+                want += generate(m, prompts[i:i + 2], max_new_tokens=4, batch_size=2, fwd_hooks=fwd, progress=False)
+            assert got[name] == want, (m.name, per, name)
+    assert got["none"] == generate(m, prompts, max_new_tokens=4, progress=False)
+    assert len({tuple(v) for v in got.values()}) > 1          # the hooks really change the replies
+
+
+def test_generate_conditions_rejects_bad_input(tiny_llama):
+    with pytest.raises(ValueError, match="No conditions"):
+        generate_conditions(tiny_llama, ["Hi"], {})
+    with pytest.raises(ValueError, match="conditions_per_batch"):
+        generate_conditions(tiny_llama, ["Hi"], {"a": []}, conditions_per_batch=0)
+    with pytest.raises(ValueError, match="hook names"):
+        generate_conditions(tiny_llama, ["Hi"], {"a": [(lambda n: True, lambda z, hook: z)]}, max_new_tokens=1)

@@ -28,7 +28,7 @@ import torch
 
 from . import hooks
 from .batching import batches, cached_runs
-from .generation import generate
+from .generation import generate, generate_conditions
 from .metrics import is_refusal
 from .models import ChatModel
 from .paths import DATA_DIR
@@ -167,36 +167,45 @@ def _last_position_writer(head: int, values: torch.Tensor):
 
 
 def rescue(model: ChatModel, plain: Sequence[str], cipher_prompts: Sequence[str],
-           heads: Sequence[tuple[int, int]], max_new_tokens: int = 64, batch_size: int = 8,
-           checkpoint: Checkpoint | None = None, progress: bool = True) -> pd.DataFrame:
+           heads: Sequence[tuple[int, int]], max_new_tokens: int = 64, batch_size: int = 16,
+           checkpoint: Checkpoint | None = None, progress: bool = True, conditions_per_part: int = 3
+           ) -> pd.DataFrame:
     """Greedy generations on ``cipher_prompts`` with, for each of ``heads`` in turn, that head's ``z``
     from the matching ``plain`` prompt's last position written at the last position of every forward;
     plus the plain and the cipher prompts unpatched. One row per (condition, prompt): ``condition``
     (``plain``, ``cipher``, ``L<l>H<h>``), ``head``, ``prompt_index, completion, refused, response``
-    (:func:`response_class`). Each condition is a checkpointed part."""
+    (:func:`response_class`).
+
+    The cipher conditions share each prompt's prefix and run ``conditions_per_part`` at a time,
+    stacked along the batch (:func:`~refusal_circuits.generation.generate_conditions`, which equals
+    one :func:`~refusal_circuits.generation.generate` per condition); each such group, and the plain
+    prompts, is a checkpointed part. On the organism (16 prompts, 13 conditions, 24 tokens) this takes
+    a third of the time of one ``generate`` per condition."""
     if len(plain) != len(cipher_prompts) or len(plain) == 0:
         raise ValueError(f"need one cipher prompt per plain prompt (got {len(plain)} and {len(cipher_prompts)}).")
     heads = [(int(l), int(h)) for l, h in heads]
     zs = last_z(model, plain, heads, batch_size)
-    parts = ["plain", "cipher"] + [f"L{l}H{h}" for l, h in heads]
+    writers = {"cipher": []}
+    for l, h in heads:
+        writers[f"L{l}H{h}"] = (lambda l, h: lambda rows: [(hooks.z(l), _last_position_writer(h, zs[(l, h)][rows]))]
+                                )(l, h)
+    groups = [["plain"]] + [list(g) for g in batches(list(writers), conditions_per_part)]
+    prefixes: dict = {}
 
-    def run(part: str) -> pd.DataFrame:
-        comps = []
-        if part in ("plain", "cipher"):
-            comps = generate(model, plain if part == "plain" else cipher_prompts, max_new_tokens, batch_size,
-                             progress=False)
-        else:
-            l, h = heads[parts.index(part) - 2]
-            for idx in batches(list(range(len(plain))), batch_size):
-                fwd = [(hooks.z(l), _last_position_writer(h, zs[(l, h)][list(idx)]))]
-                comps += generate(model, [cipher_prompts[i] for i in idx], max_new_tokens, len(idx), fwd,
-                                  progress=False)
-        return pd.DataFrame({"condition": part, "head": "" if part in ("plain", "cipher") else part,
+    def table(name: str, comps: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"condition": name, "head": "" if name in ("plain", "cipher") else name,
                              "prompt_index": range(len(comps)), "completion": comps,
                              "refused": [is_refusal(c) for c in comps],
                              "response": [response_class(c) for c in comps]})
 
-    return run_parts(parts, run, checkpoint, "rescue", progress, part_ids=parts)
+    def run(group: list[str]) -> pd.DataFrame:
+        if group == ["plain"]:
+            return table("plain", generate(model, plain, max_new_tokens, batch_size, progress=False))
+        comps = generate_conditions(model, cipher_prompts, {n: writers[n] for n in group}, max_new_tokens,
+                                    batch_size, progress=False, prefixes=prefixes)
+        return pd.concat([table(n, comps[n]) for n in group], ignore_index=True)
+
+    return run_parts(groups, run, checkpoint, "rescue", progress, part_ids=["+".join(g) for g in groups])
 
 
 def cipher_pairs(model: ChatModel, df: pd.DataFrame, cipher: Cipher, n_pairs: int | None = None, seed: int = 0
