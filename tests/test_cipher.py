@@ -145,6 +145,12 @@ def test_dla_contrast_and_bands(tiny_llama, llama_cipher_pairs):
     df = C.dla_contrast(tiny_llama, plain, cip)
     assert len(df) == tiny_llama.n_layers * tiny_llama.n_heads and df.contrast.is_monotonic_decreasing
     assert np.allclose(df.contrast, (df.dla_plain - df.dla_cipher).abs())
+    from refusal_circuits import gate as G
+    sens, ctrl = G.head_dla_pairs(tiny_llama, plain)
+    only, none = G.head_dla_pairs(tiny_llama, plain, controls=False)   # the contrast skips the controls
+    assert none is None and ctrl is not None and torch.equal(only, sens)
+    by_head = df.sort_values(["layer", "head"])
+    assert np.allclose(by_head.dla_plain, sens.mean(-1).flatten().numpy(), atol=1e-6)
     import pandas as pd
     t = pd.DataFrame({"layer": [3, 3, 5, 7, 7, 7], "head": [0, 1, 2, 0, 1, 2], "contrast": [5, 4, 9, 1, 1, 1.0]})
     t["rank"] = t.contrast.rank(ascending=False, method="first").astype(int)

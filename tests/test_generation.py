@@ -1,11 +1,14 @@
 """Greedy generation and the generative refusal score (resumable per batch)."""
 import pandas as pd
 import pytest
-
 import torch
-
 from refusal_circuits import hooks
-from refusal_circuits.generation import generate, generate_conditions, refusal_rate, refusal_scores
+from refusal_circuits.generation import (
+    generate,
+    generate_conditions,
+    refusal_rate,
+    refusal_scores,
+)
 from refusal_circuits.results import ResultsStore
 
 
@@ -101,6 +104,14 @@ def test_shared_prefix_stacked_generation_equals_one_generate_per_condition(tiny
             assert got[name] == want, (m.name, per, name)
     assert got["none"] == generate(m, prompts, max_new_tokens=4, progress=False)
     assert len({tuple(v) for v in got.values()}) > 1          # the hooks really change the replies
+
+    def everywhere(resid, hook):                    # every position: exact only without a shared prefix
+        return resid * 3
+
+    steer = {"none": [], "steer": [(hooks.resid_pre(last), everywhere)]}
+    got = generate_conditions(m, prompts, steer, max_new_tokens=4, batch_size=4, share_prefix=False, progress=False)
+    assert got["steer"] == generate(m, prompts, max_new_tokens=4, fwd_hooks=steer["steer"], progress=False)
+    assert got["none"] == generate(m, prompts, max_new_tokens=4, progress=False)
 
 
 def test_generate_conditions_rejects_bad_input(tiny_llama):

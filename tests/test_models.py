@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from refusal_circuits import ModelLoadError, load_model
 from refusal_circuits.models import layer_groups
 

@@ -165,6 +165,9 @@ def test_dose_response_signs_and_zero_dose(tiny_llama):
     assert zero == plain
     steered = df[(df.kind == "sensitive") & (df.fraction == 5.0)].completion.tolist()
     assert steered != plain                                         # a large push changes the text
+    push = R.addition_hooks(tiny_llama, det.direction, det.layer, -5.0 * det.resid_norm)
+    assert steered == generate(tiny_llama, list(gp.pairs.sensitive), max_new_tokens=4, fwd_hooks=push,
+                               progress=False)                      # stacked fractions = one run each
     s = R.dose_summary(df)
     assert set(s.columns) >= {"kind", "fraction", "alpha", "refusal_rate", "n"}
     with pytest.raises(ValueError, match="fractions"):

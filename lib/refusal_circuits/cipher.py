@@ -185,10 +185,11 @@ def rescue(model: ChatModel, plain: Sequence[str], cipher_prompts: Sequence[str]
         raise ValueError(f"need one cipher prompt per plain prompt (got {len(plain)} and {len(cipher_prompts)}).")
     heads = [(int(l), int(h)) for l, h in heads]
     zs = last_z(model, plain, heads, batch_size)
-    writers = {"cipher": []}
-    for l, h in heads:
-        writers[f"L{l}H{h}"] = (lambda l, h: lambda rows: [(hooks.z(l), _last_position_writer(h, zs[(l, h)][rows]))]
-                                )(l, h)
+
+    def writer(l: int, h: int):
+        return lambda rows: [(hooks.z(l), _last_position_writer(h, zs[(l, h)][rows]))]
+
+    writers = {"cipher": [], **{f"L{l}H{h}": writer(l, h) for l, h in heads}}
     groups = [["plain"]] + [list(g) for g in batches(list(writers), conditions_per_part)]
     prefixes: dict = {}
 
@@ -268,8 +269,8 @@ def dla_contrast(model: ChatModel, plain: "G.GatePairs", cipher_gp: "G.GatePairs
     cipher|``, ranked (1 = the most cipher-sensitive head)."""
     from . import gate as G
 
-    sp, _ = G.head_dla_pairs(model, plain, batch_size)
-    sc, _ = G.head_dla_pairs(model, cipher_gp, batch_size)
+    sp, _ = G.head_dla_pairs(model, plain, batch_size, controls=False)
+    sc, _ = G.head_dla_pairs(model, cipher_gp, batch_size, controls=False)
     p, c = sp.mean(-1), sc.mean(-1)                                                # [L, H]
     L, H = p.shape
     df = pd.DataFrame([{"layer": l, "head": h, "dla_plain": float(p[l, h]), "dla_cipher": float(c[l, h])}

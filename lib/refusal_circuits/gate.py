@@ -528,11 +528,12 @@ def bootstrap_stability(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame,
 
 
 @torch.no_grad()
-def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hooks=()
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hooks=(), controls: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every head's output DLA at the last prompt position of each pair's sensitive and control prompt
-    (see :func:`head_dla`): ``(sensitive, control)``, each ``[layer, head, pair]``. ``fwd_hooks`` stay on
-    during the runs (a knockout), and the final norm is linearised with that run's own scale."""
+    (see :func:`head_dla`): ``(sensitive, control)``, each ``[layer, head, pair]`` (``control`` is
+    ``None`` with ``controls=False``, which skips their runs). ``fwd_hooks`` stay on during the runs
+    (a knockout), and the final norm is linearised with that run's own scale."""
     from . import dla as D
 
     W = model.W_U.detach().float().cpu()
@@ -550,7 +551,7 @@ def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hoo
         return torch.cat(out, 2)                                                   # [L, H, pair, d]
 
     sens = (run(list(gp.pairs.sensitive)) * dirs[None, None]).sum(-1)
-    ctrl = (run(list(gp.pairs.control)) * dirs[None, None]).sum(-1)
+    ctrl = (run(list(gp.pairs.control)) * dirs[None, None]).sum(-1) if controls else None
     return sens, ctrl
 
 

@@ -80,7 +80,8 @@ def _stacked_hooks(hook_sets: Sequence[FwdHooks], k: int) -> FwdHooks:
 @torch.no_grad()
 def generate_conditions(model: ChatModel, instructions: Sequence[str], conditions: Mapping[str, FwdHooks | Callable],
                         max_new_tokens: int = 64, batch_size: int = 16, conditions_per_batch: int | None = None,
-                        progress: bool = True, prefixes: dict | None = None) -> dict[str, list[str]]:
+                        progress: bool = True, prefixes: dict | None = None, share_prefix: bool = True
+                        ) -> dict[str, list[str]]:
     """Greedy completions of the same ``instructions`` under each of ``conditions`` (name -> hooks), as
     :func:`generate` gives them one condition at a time, in far fewer forwards:
 
@@ -94,6 +95,9 @@ def generate_conditions(model: ChatModel, instructions: Sequence[str], condition
     each row alone and leave the prompt's earlier positions untouched, such as a write at position
     ``-1`` (the last prompt token on the prompt pass, the new token on each step); the tests check it
     against :func:`generate` on every tiny architecture. Returns ``{name: completions}`` in input order.
+
+    With ``share_prefix=False`` nothing is shared but the batch: then any hooks that act on each row
+    alone are exact, including ones at every position (a steering vector).
 
     ``prefixes``: a dict in which each batch's prefix cache is kept, so that later calls on the same
     ``instructions`` and ``batch_size`` (the parts of a checkpointed sweep) skip the prefix too.
@@ -114,11 +118,11 @@ def generate_conditions(model: ChatModel, instructions: Sequence[str], condition
     for rows in bar:
         rows = list(rows)
         ids, mask = model.to_tokens([items[i] for i in rows])
-        if ids.shape[1] < 2:
-            raise ValueError("A prompt of one token has no prefix to share; use generate().")
+        if share_prefix and ids.shape[1] < 2:
+            raise ValueError("A prompt of one token has no prefix to share; pass share_prefix=False.")
         key = tuple(items[i] for i in rows)
         prefix = None if prefixes is None else prefixes.get(key)
-        if prefix is None:
+        if share_prefix and prefix is None:
             positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             prefix = model.hf_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                                     position_ids=positions[:, :-1], use_cache=True).past_key_values
@@ -128,8 +132,10 @@ def generate_conditions(model: ChatModel, instructions: Sequence[str], condition
             k = len(group)
             fwd = _stacked_hooks([conditions[n](rows) if callable(conditions[n]) else conditions[n]
                                   for n in group], k)
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(k)
+            cache = None
+            if share_prefix:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(k)
             with model.bridge.hooks(fwd_hooks=list(fwd)):
                 gen = model.hf_model.generate(
                     input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),

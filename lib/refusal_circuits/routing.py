@@ -29,7 +29,8 @@ from . import gate as G
 from . import hooks
 from .batching import cached_runs
 from .direction import addition_hooks
-from .generation import refusal_scores
+from .generation import generate_conditions
+from .metrics import is_refusal
 from .models import ChatModel
 from .results import Checkpoint, run_parts
 
@@ -226,24 +227,29 @@ def dose_response(model: ChatModel, gp: G.GatePairs, detection: Detection,
     the grid means the same on every model), ``resid_pre[layer] -= alpha d`` on the sensitive prompts
     (attenuation) and ``+= alpha d`` on the controls (amplification), at every position, generated
     tokens included. One row per (kind, fraction, prompt): ``kind, fraction, alpha, instruction,
-    completion, refused`` (substring score); each (kind, fraction) is a checkpointed part."""
+    completion, refused`` (substring score). Each kind is a checkpointed part, its fractions generated
+    together, stacked along the batch (:func:`~refusal_circuits.generation.generate_conditions`, equal
+    to one ``generate`` per fraction)."""
     if len(gp) == 0:
         raise G.PairsError("No pairs given.")
     if any(f < 0 for f in fractions):
         raise ValueError(f"fractions must be >= 0 (the sign comes from the prompt kind), got {list(fractions)}.")
-    parts = [(kind, float(f)) for kind in ("sensitive", "control") for f in fractions]
+    fractions = [float(f) for f in fractions]
 
-    def run(part: tuple[str, float]) -> pd.DataFrame:
-        kind, f = part
-        alpha = f * detection.resid_norm
+    def run(kind: str) -> pd.DataFrame:
         sign = -1.0 if kind == "sensitive" else 1.0
-        fwd = addition_hooks(model, detection.direction, detection.layer, sign * alpha) if f > 0 else []
-        out = refusal_scores(model, list(gp.pairs[kind]), max_new_tokens, batch_size, fwd, progress=False)
-        return out.assign(kind=kind, fraction=f, alpha=sign * alpha)[
-            ["kind", "fraction", "alpha", "instruction", "completion", "refused"]]
+        conditions = {f: addition_hooks(model, detection.direction, detection.layer, sign * f * detection.resid_norm)
+                      if f > 0 else [] for f in fractions}
+        prompts = list(gp.pairs[kind])
+        comps = generate_conditions(model, prompts, conditions, max_new_tokens, batch_size, share_prefix=False,
+                                    progress=False)
+        return pd.concat([pd.DataFrame({"kind": kind, "fraction": f, "alpha": sign * f * detection.resid_norm,
+                                        "instruction": prompts, "completion": comps[f],
+                                        "refused": [is_refusal(c) for c in comps[f]]}) for f in fractions],
+                         ignore_index=True)
 
-    ids = [f"{k} {f:g}" for k, f in parts]
-    return run_parts(parts, run, checkpoint, "dose-response", progress, part_ids=ids)
+    return run_parts(["sensitive", "control"], run, checkpoint, "dose-response", progress,
+                     part_ids=["sensitive", "control"])
 
 
 def dose_summary(df: pd.DataFrame) -> pd.DataFrame:
