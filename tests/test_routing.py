@@ -89,6 +89,23 @@ def test_directional_ablation_equals_a_one_head_one_pair_loop(tiny_model):
     assert np.allclose(fast.reduction, fast.baseline - fast.ablated)
 
 
+def test_knockout_dla_equals_a_full_run_with_the_head_zeroed(tiny_model):
+    """The fast knockout (layers below from one unablated run, heads of a layer stacked) gives every
+    head's DLA exactly as a full forward with the zeroing hook on, with several batches of prompts."""
+    gp = _pairs(tiny_model, 3)
+    last = tiny_model.n_layers - 1
+    knocked = [(0, 1), (last, 0), (last, tiny_model.n_heads - 1), (last, 1)]
+    memo = {}
+    fast = R.knockout_dla(tiny_model, gp, knocked, batch_size=2, max_batch=4, memo=memo)
+    assert R.knockout_dla(tiny_model, gp, knocked[1:2], batch_size=2, memo=memo)[knocked[1]].equal(fast[knocked[1]])
+    for head in knocked:
+        sens, ctrl = G.head_dla_pairs(tiny_model, gp, batch_size=3, fwd_hooks=R._zero_head(*head))
+        assert fast[head].shape == sens.shape
+        assert torch.allclose(fast[head], sens - ctrl, atol=1e-4), (tiny_model.name, head)
+    s0, c0 = G.head_dla_pairs(tiny_model, gp)
+    assert not torch.allclose(fast[knocked[0]], s0 - c0, atol=1e-4)    # zeroing L0 moves the later heads
+
+
 @pytest.mark.parametrize("alpha", [1.0, 5.0])
 def test_ablation_of_the_planted_gate_rescales_its_only_write(planted, alpha):
     # the planted gate's W_O is rank one (it writes (z . a) u), so u_gate = +-a, and removing alpha times

@@ -527,6 +527,24 @@ def bootstrap_stability(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame,
     return {"gate_share": first / n, "top3_share": top3 / n, "n": n}
 
 
+def _dla_directions(model: ChatModel, gp: GatePairs) -> torch.Tensor:
+    """``mean_{t in R} W_U[:, t] - W_U[:, a_pair]`` for every pair: ``[pair, d_model]``."""
+    W = model.W_U.detach().float().cpu()
+    refusal = W[:, list(model.refusal_token_ids)].mean(1)
+    return torch.stack([refusal - W[:, int(t[0])] for t in gp.targets])
+
+
+def _heads_normed(model: ChatModel, cache) -> torch.Tensor:
+    """Every head's write at the last position through the final norm, linearised with the run's own
+    scale: ``[layer, head, B, d_model]`` (float32, CPU)."""
+    from . import dla as D
+
+    heads = D.head_residual_writes(model, cache, -1)                               # [L, H, B, d]
+    L, H = heads.shape[:2]
+    normed = cache.apply_ln_to_stack(heads.reshape(L * H, *heads.shape[2:]), layer=None, pos_slice=-1)
+    return (normed.float().cpu() * D.final_norm(model).weight).view(L, H, heads.shape[2], -1)
+
+
 @torch.no_grad()
 def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hooks=(), controls: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -536,18 +554,11 @@ def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hoo
     (a knockout), and the final norm is linearised with that run's own scale."""
     from . import dla as D
 
-    W = model.W_U.detach().float().cpu()
-    refusal = W[:, list(model.refusal_token_ids)].mean(1)
-    dirs = torch.stack([refusal - W[:, int(t[0])] for t in gp.targets])          # [pair, d_model]
-    norm = D.final_norm(model)
+    dirs = _dla_directions(model, gp)
 
     def run(prompts: list[str]) -> torch.Tensor:
-        out = []
-        for batch, _, cache in cached_runs(model, prompts, D.needed_for_components, batch_size, fwd_hooks):
-            heads = D.head_residual_writes(model, cache, -1)                       # [L, H, B, d]
-            L, H = heads.shape[:2]
-            normed = cache.apply_ln_to_stack(heads.reshape(L * H, *heads.shape[2:]), layer=None, pos_slice=-1)
-            out.append((normed.float().cpu() * norm.weight).view(L, H, len(batch), -1))
+        out = [_heads_normed(model, cache)
+               for _, _, cache in cached_runs(model, prompts, D.needed_for_components, batch_size, fwd_hooks)]
         return torch.cat(out, 2)                                                   # [L, H, pair, d]
 
     sens = (run(list(gp.pairs.sensitive)) * dirs[None, None]).sum(-1)

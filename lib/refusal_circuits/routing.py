@@ -18,6 +18,7 @@ and the dose-response of the detection layer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,11 +28,12 @@ import torch
 
 from . import gate as G
 from . import hooks
-from .batching import cached_runs
+from .batching import batches, cached_runs
 from .direction import addition_hooks
 from .generation import generate_conditions
 from .metrics import is_refusal
 from .models import ChatModel
+from .patching import skip_lower_layers
 from .results import Checkpoint, run_parts
 
 
@@ -174,6 +176,79 @@ def null_heads(model: ChatModel, gate: tuple[int, int], exclude: Sequence[tuple[
     return [pool[i] for i in sorted(pick)]
 
 
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def knockout_dla(model: ChatModel, gp: G.GatePairs, knocked: Sequence[tuple[int, int]], batch_size: int = 8,
+                 max_batch: int = 64, memo: dict | None = None) -> dict[tuple[int, int], torch.Tensor]:
+    """For each head of ``knocked``: every head's output DLA, sensitive - control, ``[layer, head, pair]``,
+    with that head's ``z`` zeroed at every position of both prompts -- what
+    :func:`refusal_circuits.gate.head_dla_pairs` gives with the zeroing hook on (the tests check it),
+    in fewer layer passes: one unablated run per batch of prompts supplies the layers below each
+    knocked head's (which the knockout cannot change) and the residual entering it; the knocked
+    forwards start there, the heads of one layer stacked along the batch (``max_batch`` rows), and
+    no run unembeds more than its last position.
+    ``memo``: a dict that keeps the unablated runs between calls on the same pairs."""
+    from transformer_lens import ActivationCache
+
+    from . import dla as D
+
+    knocked = [(int(l), int(h)) for l, h in knocked]
+    by_layer = G._by_layer(knocked)
+    names_r = {hooks.resid_pre(l) for l in by_layer if l > 0}
+    dirs = G._dla_directions(model, gp)
+    memo = {} if memo is None else memo
+    per: dict[tuple[int, int], dict[str, list]] = {k: {"sensitive": [], "control": []} for k in knocked}
+    with torch.no_grad():
+        for kind in ("sensitive", "control"):
+            prompts = list(gp.pairs[kind])
+            for bi, batch in enumerate(batches(prompts, batch_size)):
+                ids, mask = model.to_tokens(batch)
+                B = len(batch)
+                key = (kind, bi, tuple(batch), tuple(sorted(names_r)))
+                if key not in memo:
+                    memo[key] = model.bridge.run_with_cache(
+                        ids, attention_mask=mask, logits_to_keep=1,
+                        names_filter=lambda n: D.needed_for_components(n) or n in names_r)[1]
+                base = memo[key]
+                everywhere = torch.ones_like(mask, dtype=torch.bool)
+                for l, hs in by_layer.items():
+                    k = max(1, max_batch // B)
+                    for s0 in range(0, len(hs), k):
+                        chunk = hs[s0:s0 + k]
+                        n = len(chunk)
+                        fwd = [(hooks.z(l), G._z_writer(lambda z, h: torch.zeros_like(z), everywhere, chunk, B))]
+                        with model.bridge.hooks(fwd_hooks=fwd):
+                            if l > 0:
+                                with skip_lower_layers(model, l):
+                                    _, ko = model.bridge.run_with_cache(
+                                        base[hooks.resid_pre(l)].repeat(n, 1, 1), start_at_layer=l,
+                                        attention_mask=mask.repeat(n, 1), names_filter=D.needed_for_components,
+                                        use_cache=False, logits_to_keep=1)
+                            else:
+                                _, ko = model.bridge.run_with_cache(ids.repeat(n, 1), attention_mask=mask.repeat(n, 1),
+                                                                    names_filter=D.needed_for_components,
+                                                                    logits_to_keep=1)
+                        merged = {}
+                        for name in base.keys():
+                            if not D.needed_for_components(name):
+                                continue
+                            layer = _layer_of(name)
+                            below = (layer is not None and layer < l) or name in ("hook_embed", "hook_pos_embed")
+                            merged[name] = base[name].repeat(n, *[1] * (base[name].dim() - 1)) if below else ko[name]
+                        normed = G._heads_normed(model, ActivationCache(merged, model.bridge))  # [L, H, n*B, d]
+                        for j, h in enumerate(chunk):
+                            per[(l, h)][kind].append(normed[:, :, j * B:(j + 1) * B])
+    out = {}
+    for head, runs in per.items():
+        sens = (torch.cat(runs["sensitive"], 2) * dirs[None, None]).sum(-1)
+        ctrl = (torch.cat(runs["control"], 2) * dirs[None, None]).sum(-1)
+        out[head] = sens - ctrl
+    return out
+
+
 def knockout_cascade(model: ChatModel, gp: G.GatePairs, gate: tuple[int, int], dla: pd.DataFrame, k: int = 5,
                      n_random: int = 20, window: int = 2, seed: int = 0, amplifiers: Sequence[tuple[int, int]] | None = None,
                      batch_size: int = 8, checkpoint: Checkpoint | None = None, progress: bool = True) -> pd.DataFrame:
@@ -182,25 +257,32 @@ def knockout_cascade(model: ChatModel, gp: G.GatePairs, gate: tuple[int, int], d
     (sensitive - control, mean over pairs) of the amplifiers (:func:`amplifiers_of` on ``dla``, the
     unablated :func:`refusal_circuits.gate.head_dla` summary, unless given). One row per (knocked head,
     amplifier): ``knocked, kind`` (gate / random), ``amplifier, normal, knockout, change_pct`` =
-    ``100 (knockout - normal) / |normal|``, ``suppressed`` (``|DLA|`` moved toward zero)."""
+    ``100 (knockout - normal) / |normal|``, ``suppressed`` (``|DLA|`` moved toward zero). The knockouts
+    run through :func:`knockout_dla`; the knocked heads of one layer are a checkpointed part."""
     gate = (int(gate[0]), int(gate[1]))
     amps = list(amplifiers) if amplifiers is not None else amplifiers_of(dla, gate, k)
     knocked = [gate] + null_heads(model, gate, amps, n_random, window, seed)
     normal = dla.set_index(["layer", "head"]).dla
+    memo: dict = {}
+    layers = list(dict.fromkeys(l for l, _ in knocked))
 
-    def run(head: tuple[int, int]) -> pd.DataFrame:
-        sens, ctrl = G.head_dla_pairs(model, gp, batch_size, _zero_head(*head))
-        diff = (sens - ctrl).mean(-1)                                             # [L, H]
+    def run(layer: int) -> pd.DataFrame:
+        heads = [h for h in knocked if h[0] == layer]
+        diffs = knockout_dla(model, gp, heads, batch_size, memo=memo)
         rows = []
-        for a in amps:
-            n0, ko = float(normal.loc[a]), float(diff[a])
-            rows.append({"knocked": f"L{head[0]}H{head[1]}", "kind": "gate" if head == gate else "random",
-                         "amplifier": f"L{a[0]}H{a[1]}", "normal": n0, "knockout": ko,
-                         "change_pct": 100 * (ko - n0) / abs(n0), "suppressed": bool(np.sign(n0) * (ko - n0) < 0)})
+        for head in heads:
+            diff = diffs[head].mean(-1)                                            # [L, H]
+            for a in amps:
+                n0, ko = float(normal.loc[a]), float(diff[a])
+                rows.append({"knocked": f"L{head[0]}H{head[1]}", "kind": "gate" if head == gate else "random",
+                             "amplifier": f"L{a[0]}H{a[1]}", "normal": n0, "knockout": ko,
+                             "change_pct": 100 * (ko - n0) / abs(n0),
+                             "suppressed": bool(np.sign(n0) * (ko - n0) < 0)})
         return pd.DataFrame(rows)
 
-    ids = [f"L{l}H{h}" for l, h in knocked]
-    return run_parts(knocked, run, checkpoint, "knockout cascade", progress, part_ids=ids)
+    df = run_parts(layers, run, checkpoint, "knockout cascade", progress, part_ids=[f"L{l}" for l in layers])
+    order = {f"L{l}H{h}": i for i, (l, h) in enumerate(knocked)}
+    return df.sort_values("knocked", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
 
 def cascade_summary(df: pd.DataFrame) -> dict:
