@@ -38,3 +38,21 @@ def test_cached_runs_equal_one_prompt_at_a_time(tiny_llama):
     assert torch.allclose(last_logits(m, prompts, batch_size=2)[1], rows[1][1].float(), atol=1e-4)
     with pytest.raises(ValueError, match="empty"):
         next(cached_runs(m, [], [name]))
+
+
+def test_unembedding_only_the_last_position_leaves_the_cache_unchanged(tiny_model):
+    """Callers that read only the cache pass logits_to_keep=1: every cached activation is bit-for-bit
+    what the full run caches, and the one logit row kept is the last position's."""
+    import torch
+
+    from refusal_circuits import dla as D
+
+    prompts = ["Hi", "Write a long story about a dragon who likes tea"]
+    (_, full_logits, full), = cached_runs(tiny_model, prompts, D.needed_for_components, batch_size=2)
+    (_, last_logits_, last), = cached_runs(tiny_model, prompts, D.needed_for_components, batch_size=2,
+                                           logits_to_keep=1)
+    assert set(full.keys()) == set(last.keys()) and len(full.keys()) > 0
+    for name in full.keys():
+        assert torch.equal(full[name], last[name]), name
+    assert last_logits_.shape[1] == 1
+    assert torch.allclose(last_logits_[:, -1], full_logits[:, -1], atol=1e-4)

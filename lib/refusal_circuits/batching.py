@@ -55,18 +55,24 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", show:
 @torch.no_grad()
 def cached_runs(model: ChatModel, instructions: Sequence[str], names: Sequence[str] | Callable[[str], bool],
                 batch_size: int = 32, fwd_hooks: FwdHooks = (), show_progress: bool = False,
-                desc: str = "activations") -> Iterator[tuple[Sequence[str], torch.Tensor, dict]]:
+                desc: str = "activations", logits_to_keep: int = 0
+                ) -> Iterator[tuple[Sequence[str], torch.Tensor, dict]]:
     """For each batch of ``instructions`` (chat-formatted, left-padded): ``(batch, logits, cache)``
     with the activations of the hooks ``names`` (a list of hook names or a filter). ``fwd_hooks`` stay
-    on during the run, so the cache sees an intervention (a clamp, an ablation)."""
+    on during the run, so the cache sees an intervention (a clamp, an ablation).
+
+    ``logits_to_keep=1`` unembeds only the last position (``0``: every position). A caller that reads
+    only the cache passes 1: the unembedding of every position is a large share of a small model's
+    forward, and the cached activations are the same either way (tested)."""
     if len(instructions) == 0:
         raise ValueError("No instructions given: the prompt list is empty.")
     keep = names if callable(names) else set(names).__contains__
+    keep_kw = {"logits_to_keep": int(logits_to_keep)} if logits_to_keep else {}
     items = list(instructions)
     for batch in progress(batches(items, batch_size), n_batches(len(items), batch_size), desc, show_progress):
         ids, mask = model.to_tokens(batch)
         with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-            logits, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=keep)
+            logits, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=keep, **keep_kw)
         yield batch, logits, cache
 
 

@@ -148,7 +148,7 @@ def last_z(model: ChatModel, instructions: Sequence[str], heads: Sequence[tuple[
     """Each head's ``z`` at the last prompt position of every instruction: ``{(layer, head): [n, d_head]}``."""
     names = sorted({hooks.z(l) for l, _ in heads})
     out: dict = {tuple(h): [] for h in heads}
-    for _, _, cache in cached_runs(model, list(instructions), names, batch_size):
+    for _, _, cache in cached_runs(model, list(instructions), names, batch_size, logits_to_keep=1):
         for l, h in heads:
             out[(l, h)].append(cache[hooks.z(l)][:, -1, h].detach())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -299,7 +299,7 @@ def probe_profile(model: ChatModel, prompts: dict[str, Sequence[str]], direction
     rows = []
     for kind, items in prompts.items():
         i0 = 0
-        for batch, _, cache in cached_runs(model, list(items), names, batch_size):
+        for batch, _, cache in cached_runs(model, list(items), names, batch_size, logits_to_keep=1):
             for l, n in enumerate(names):
                 vals = cache[n][:, -1].float().cpu() @ d
                 rows += [{"kind": kind, "prompt_index": i0 + b, "layer": l, "value": float(v)} for b, v in enumerate(vals)]

@@ -57,7 +57,7 @@ def mean_resid(model: ChatModel, instructions: Sequence[str], positions: Sequenc
     names = resid_hook_names(model)
     total = torch.zeros(model.n_layers, len(positions), model.d_model, dtype=torch.float64)
     pos = torch.tensor(list(positions))
-    for _, _, cache in cached_runs(model, instructions, names, batch_size, show_progress=progress):
+    for _, _, cache in cached_runs(model, instructions, names, batch_size, show_progress=progress, logits_to_keep=1):
         for l, name in enumerate(names):
             total[l] += cache[name][:, pos].double().sum(0).cpu()
     return total / len(instructions)
@@ -211,7 +211,7 @@ def component_by_layer(model: ChatModel, instructions: Sequence[str], direction:
     one row per (prompt, layer). ``fwd_hooks`` (e.g. a clamp) stay on during the run."""
     names = resid_hook_names(model) + [hooks.final_resid(model.n_layers)]
     rows = []
-    for batch, _, cache in cached_runs(model, instructions, names, batch_size, fwd_hooks):
+    for batch, _, cache in cached_runs(model, instructions, names, batch_size, fwd_hooks, logits_to_keep=1):
         r = _unit(direction, cache[names[0]])
         for l, name in enumerate(names):
             comp = (cache[name][:, position].float() @ r).cpu().numpy()
@@ -228,7 +228,8 @@ def block_contributions(model: ChatModel, instructions: Sequence[str], direction
     sites = [(l, b, hooks.block_out(l, b)) for l in range(model.n_layers) for b in hooks.BLOCK_OUTPUTS]
     rows = []
     offset = 0
-    for batch, _, cache in cached_runs(model, instructions, [n for _, _, n in sites], batch_size):
+    for batch, _, cache in cached_runs(model, instructions, [n for _, _, n in sites], batch_size,
+                                     logits_to_keep=1):
         r = _unit(direction, cache[sites[0][2]])
         for l, b, name in sites:
             vals = (cache[name][:, position].float() @ r).cpu().numpy()

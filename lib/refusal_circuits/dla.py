@@ -189,7 +189,7 @@ def component_dla(model: ChatModel, instructions: Sequence[str], direction: torc
     p = metric_direction(model, direction)
     norm = final_norm(model)
     rows, offset = [], 0
-    for batch, _, cache in cached_runs(model, instructions, needed_for_components, batch_size):
+    for batch, _, cache in cached_runs(model, instructions, needed_for_components, batch_size, logits_to_keep=1):
         stack, labels = cache.decompose_resid(layer=None, pos_slice=position, return_labels=True)
         normed = cache.apply_ln_to_stack(stack, layer=None, pos_slice=position).float().cpu()
         dla = (normed * norm.weight) @ p                                         # [component, B]

@@ -558,7 +558,8 @@ def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hoo
 
     def run(prompts: list[str]) -> torch.Tensor:
         out = [_heads_normed(model, cache)
-               for _, _, cache in cached_runs(model, prompts, D.needed_for_components, batch_size, fwd_hooks)]
+               for _, _, cache in cached_runs(model, prompts, D.needed_for_components, batch_size, fwd_hooks,
+                                                 logits_to_keep=1)]
         return torch.cat(out, 2)                                                   # [L, H, pair, d]
 
     sens = (run(list(gp.pairs.sensitive)) * dirs[None, None]).sum(-1)

@@ -217,7 +217,7 @@ def head_outputs(model: ChatModel, instructions: Sequence[str], layers: Sequence
     names = [hooks.z(l) for l in layers]
     W_O = model.bridge.W_O  # [layer, head, d_head, d_model]
     out = []
-    for _, _, cache in cached_runs(model, instructions, names, batch_size):
+    for _, _, cache in cached_runs(model, instructions, names, batch_size, logits_to_keep=1):
         z = torch.stack([cache[n][:, position] for n in names], 1).float()      # [B, L', H, d_head]
         w = W_O[list(layers)].float().to(z.device)                             # [L', H, d_head, d_model]
         out.append(torch.einsum("blhd,lhdm->blhm", z, w).cpu())
@@ -263,7 +263,7 @@ def mean_z(model: ChatModel, instructions: Sequence[str], heads: Sequence[tuple[
     end of the left-padded prompt): ``{(layer, head): [n_last, d_head]}``."""
     names = sorted({hooks.z(l) for l, _ in heads})
     total = {hd: 0.0 for hd in heads}
-    for _, _, cache in cached_runs(model, instructions, names, batch_size):
+    for _, _, cache in cached_runs(model, instructions, names, batch_size, logits_to_keep=1):
         for l, h in heads:
             total[(l, h)] = total[(l, h)] + cache[hooks.z(l)][:, -n_last:, h].double().sum(0).cpu()
     return {hd: (v / len(instructions)).float() for hd, v in total.items()}

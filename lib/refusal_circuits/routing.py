@@ -65,7 +65,8 @@ def detection_direction(model: ChatModel, gp: G.GatePairs, layer: int | None = N
     name = hooks.resid_pre(layer)
 
     def last(prompts: Sequence[str]) -> torch.Tensor:
-        return torch.cat([c[name][:, -1].float().cpu() for _, _, c in cached_runs(model, prompts, [name], batch_size)])
+        return torch.cat([c[name][:, -1].float().cpu() for _, _, c in cached_runs(model, prompts, [name], batch_size,
+                                                                                  logits_to_keep=1)])
 
     s, c = last(list(gp.pairs.sensitive)), last(list(gp.pairs.control))
     diff = s.mean(0) - c.mean(0)
