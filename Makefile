@@ -51,9 +51,10 @@ organism: venv
 organism-check: venv
 	$(VENV)/bin/refusal-circuits organism-check
 
-## Benchmarks (bench/RESULTS.md): the gate screen, the patching engine, and the organism's fine-tune step
+## Benchmarks (bench/RESULTS.md): the gate screen, the routing/cipher shortcuts, the patching engine, the organism's fine-tune step
 bench: venv
 	$(PY) bench/bench_screen.py
+	$(PY) bench/bench_routing.py
 	$(PY) bench/bench_patching.py
 	$(PY) bench/bench_organism.py
 
