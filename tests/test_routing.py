@@ -97,7 +97,11 @@ def test_knockout_dla_equals_a_full_run_with_the_head_zeroed(tiny_model):
     knocked = [(0, 1), (last, 0), (last, tiny_model.n_heads - 1), (last, 1)]
     memo = {}
     fast = R.knockout_dla(tiny_model, gp, knocked, batch_size=2, max_batch=4, memo=memo)
-    assert R.knockout_dla(tiny_model, gp, knocked[1:2], batch_size=2, memo=memo)[knocked[1]].equal(fast[knocked[1]])
+    runs = len(memo)
+    again = R.knockout_dla(tiny_model, gp, knocked[1:2], batch_size=2, memo=memo, resid_layers=[0, last])
+    assert again[knocked[1]].equal(fast[knocked[1]]) and len(memo) == runs   # the unablated runs are reused
+    with pytest.raises(ValueError, match="resid_layers"):
+        R.knockout_dla(tiny_model, gp, knocked[1:2], resid_layers=[0])
     for head in knocked:
         sens, ctrl = G.head_dla_pairs(tiny_model, gp, batch_size=3, fwd_hooks=R._zero_head(*head))
         assert fast[head].shape == sens.shape

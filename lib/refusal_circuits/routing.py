@@ -183,7 +183,8 @@ def _layer_of(name: str) -> int | None:
 
 
 def knockout_dla(model: ChatModel, gp: G.GatePairs, knocked: Sequence[tuple[int, int]], batch_size: int = 8,
-                 max_batch: int = 64, memo: dict | None = None) -> dict[tuple[int, int], torch.Tensor]:
+                 max_batch: int = 64, memo: dict | None = None, resid_layers: Sequence[int] | None = None
+                 ) -> dict[tuple[int, int], torch.Tensor]:
     """For each head of ``knocked``: every head's output DLA, sensitive - control, ``[layer, head, pair]``,
     with that head's ``z`` zeroed at every position of both prompts -- what
     :func:`refusal_circuits.gate.head_dla_pairs` gives with the zeroing hook on (the tests check it),
@@ -191,14 +192,19 @@ def knockout_dla(model: ChatModel, gp: G.GatePairs, knocked: Sequence[tuple[int,
     knocked head's (which the knockout cannot change) and the residual entering it; the knocked
     forwards start there, the heads of one layer stacked along the batch (``max_batch`` rows), and
     no run unembeds more than its last position.
-    ``memo``: a dict that keeps the unablated runs between calls on the same pairs."""
+    ``memo``: a dict that keeps the unablated runs between calls on the same pairs; ``resid_layers``:
+    the layers whose entering residual those runs keep (default: the knocked heads' layers), so that
+    calls for different layers (the cascade's parts) can share them."""
     from transformer_lens import ActivationCache
 
     from . import dla as D
 
     knocked = [(int(l), int(h)) for l, h in knocked]
     by_layer = G._by_layer(knocked)
-    names_r = {hooks.resid_pre(l) for l in by_layer if l > 0}
+    names_r = {hooks.resid_pre(int(l)) for l in (by_layer if resid_layers is None else resid_layers) if int(l) > 0}
+    missing = sorted(l for l in by_layer if l > 0 and hooks.resid_pre(l) not in names_r)
+    if missing:
+        raise ValueError(f"resid_layers must include every knocked head's layer; missing {missing}.")
     dirs = G._dla_directions(model, gp)
     memo = {} if memo is None else memo
     per: dict[tuple[int, int], dict[str, list]] = {k: {"sensitive": [], "control": []} for k in knocked}
@@ -269,7 +275,7 @@ def knockout_cascade(model: ChatModel, gp: G.GatePairs, gate: tuple[int, int], d
 
     def run(layer: int) -> pd.DataFrame:
         heads = [h for h in knocked if h[0] == layer]
-        diffs = knockout_dla(model, gp, heads, batch_size, memo=memo)
+        diffs = knockout_dla(model, gp, heads, batch_size, memo=memo, resid_layers=layers)
         rows = []
         for head in heads:
             diff = diffs[head].mean(-1)                                            # [L, H]
