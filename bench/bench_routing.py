@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 import refusal_circuits as rc  # noqa: E402
 from refusal_circuits import cipher as C  # noqa: E402
+from refusal_circuits import engine as E  # noqa: E402
 from refusal_circuits import gate as G  # noqa: E402
 from refusal_circuits import hooks  # noqa: E402
 from refusal_circuits import routing as R  # noqa: E402
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     # 3. knockouts around the middle of the model (where the band gate sits)
     mid = L // 2
     knocked = [((mid - 2 + i % 5) % L, (i * 7) % H) for i in range(args.n_knockouts)]
-    slow, t_slow = timed(lambda: {k: (lambda s, c: s - c)(*G.head_dla_pairs(model, plain, 8, R._zero_head(*k)))
+    slow, t_slow = timed(lambda: {k: (lambda s, c: s - c)(*G.head_dla_pairs(model, plain, 8, E.zero_head_hooks(*k)))
                                   for k in knocked})
     fast, t_fast = timed(lambda: R.knockout_dla(model, plain, knocked))
     diff = max(float((slow[k] - fast[k]).abs().max()) for k in knocked)

@@ -1,7 +1,7 @@
 """Gate-screen benchmark: all-head interchange (necessity + sufficiency, NLL metric) three ways, side by
 side in one process on the same pairs.
 
-    python bench/bench_screen.py [--model smollm2-135m-refusal] [--n-pairs 4] [--device cpu] [--align end]
+    python bench/bench_screen.py [--model smollm2-135m-refusal] [--n-pairs 4] [--device cpu] [--positions prompt]
 
 1. **loop** -- :func:`refusal_circuits.gate.interchange_loop`, written the way the paper's code computes
    it: batch 1, per pair the source ``z`` captured once, then one full forward (full logits) per head
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-pairs", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--align", default="end", choices=["end", "start"])
+    ap.add_argument("--positions", "--align", dest="align", default="prompt",
+                    choices=["prompt", "last", "paper", "answer", "start", "end"])
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--out", default=None, help="folder for the per-head tables (default build/bench/<model>)")
     args = ap.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     gap = G.gaps(model, gp)
     n_heads = model.n_layers * model.n_heads
     print(f"{model.name} on {args.device}: {n_heads} heads, {len(gp)} pairs "
-          f"({gp.pairs.n_sensitive.min()}-{gp.pairs.n_sensitive.max()} prompt tokens), align={args.align}, "
+          f"({gp.pairs.n_sensitive.min()}-{gp.pairs.n_sensitive.max()} prompt tokens), positions={args.align}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     runs, secs = {}, {}

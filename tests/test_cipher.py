@@ -124,7 +124,7 @@ def test_cipher_pairs_share_controls_and_targets(tiny_llama, cipher, llama_ciphe
     assert cip.sensitive[0].tolist() == want and cip.pairs.n_sensitive[0] == len(want)
 
 
-@pytest.mark.parametrize("align", ["end", "start"])
+@pytest.mark.parametrize("align", ["prompt", "last", "paper", "answer"])
 def test_band_interchange_of_one_head_is_the_head_interchange(tiny_llama, llama_cipher_pairs, align):
     from refusal_circuits import gate as G
     _, cip = llama_cipher_pairs
@@ -197,11 +197,22 @@ def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys):
     assert (m["gate"]["layer"], m["gate"]["head"]) == (screen["gate"]["layer"], screen["gate"]["head"])
     assert last.startswith(f"gate=L{m['gate']['layer']}H{m['gate']['head']} collapse_abs=")
     coll = pd.read_csv(out / "collapse.csv")
-    assert len(coll) == 2 and coll.is_gate.sum() == 1
+    # prompt positions: 2 heads x 2 directions x 2 arms; the paper's positions: the gate only
+    assert len(coll) == 12 and set(coll.arm) == {"cipher", "cipher_control"} and set(coll.positions) == {"prompt", "paper"}
+    main_rows = coll[(coll.positions == "prompt") & (coll.direction == "necessity") & (coll.arm == "cipher")]
+    assert len(main_rows) == 2 and main_rows.is_gate.sum() == 1 and coll[coll.positions == "paper"].is_gate.all()
     per = pd.read_csv(out / "interchange_pairs.csv")
-    g = per[(per.direction == "necessity") & (per.layer == m["gate"]["layer"]) & (per["head"] == m["gate"]["head"])]
+    g = per[(per.direction == "necessity") & (per.layer == m["gate"]["layer"]) & (per["head"] == m["gate"]["head"])
+            & (per.positions == "prompt")]
     p, c = g[g.prompt == "plain"].effect.values, g[g.prompt == "cipher"].effect.values
+    cc = g[g.prompt == "cipher_control"].effect.values
     assert m["gate"]["collapse_abs"] == pytest.approx(1 - np.abs(c).mean() / np.abs(p).mean())
+    assert m["gate"]["necessity_plain_nll"] == pytest.approx(p.mean()) and m["gate"]["necessity_cipher_nll"] == pytest.approx(c.mean())
+    assert m["gate"]["control_arm_collapse_abs"] == pytest.approx(1 - np.abs(cc).mean() / np.abs(p).mean())
+    beh = pd.read_csv(out / "behaviour.csv", keep_default_na=False)
+    assert beh.groupby("kind").size().to_dict() == {k: 3 for k in ("plain sensitive", "cipher sensitive", "plain control",
+                                                                   "cipher control")}
+    assert set(m["behaviour"]) == set(beh.kind) and set(beh.response_paper) <= {"refusal", "puzzle", "other"}
     resc = pd.read_csv(out / "rescue.csv", keep_default_na=False)
     assert set(resc.condition_kind) == {"plain", "cipher", "rescued (gate)", "random head"}
     assert len(resc) == (3 + 2) * 3 and m["rescue"]["n"] == 3
@@ -209,12 +220,12 @@ def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys):
     scr = pd.read_csv(root / "scr" / "interchange_pairs.csv")
     s = scr[(scr.direction == "necessity") & (scr.layer == m["gate"]["layer"]) & (scr["head"] == m["gate"]["head"])]
     assert s.effect.values == pytest.approx(p, abs=1e-5)
-    # a rerun reads every part back
+    # a rerun reads every part back (generation included)
     from refusal_circuits import cipher as Cm
     calls = []
     real = Cm.generate
     try:
-        Cm.generate = lambda *a, **k: calls.append(1) or real(*a, **k)
+        Cm.generate = lambda *a, **k: calls.append(1) or real(*a, **k)    # the rescue and the behaviour both use it
         assert main(args) == 0
     finally:
         Cm.generate = real
@@ -264,7 +275,38 @@ def test_cipher_command_resumes_after_a_kill(screened, tmp_path):
         assert main(["cipher", "--out", str(tmp_path / "killed")] + args) == 0
     finally:
         Cm.generate, Cm.generate_conditions = real_plain, real_conds
-    assert calls == [killed_in]                   # only the group that was killed, again
-    for f in ("rescue.csv", "collapse.csv", "interchange.csv"):
+    # only the group that was killed, again, then the controls' behaviour (never reached before the kill)
+    assert calls == [killed_in, "plain", "plain"]
+    for f in ("rescue.csv", "collapse.csv", "interchange.csv", "behaviour.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "cipher" / f),
                                       pd.read_csv(tmp_path / "killed" / "cipher" / f))
+
+
+def test_paper_classifier_and_the_encoded_control_arm(tiny_llama):
+    assert C.paper_response_class("I am unable to do that") == "refusal"          # broader than the substring score
+    assert C.paper_response_class("Let's decode it: the first letter ...") == "puzzle"
+    assert C.paper_response_class("x" * 200 + " sorry") == "other"                # only the first 200 characters
+    from refusal_circuits import gate as G
+    from refusal_circuits.data import load_safety_pairs
+    cipher = C.load_cipher()
+    plain, cip = C.cipher_pairs(tiny_llama, load_safety_pairs().head(2), cipher, n_pairs=None)
+    both = C.cipher_control_pairs(tiny_llama, plain, cipher)
+    assert list(both.pairs.control) == [cipher.prompt(t) for t in plain.pairs.control]
+    assert list(both.pairs.sensitive) == list(cip.pairs.sensitive)
+    assert all(a.equal(b) for a, b in zip(both.targets, plain.targets))
+    assert all(a.equal(b) for a, b in zip(both.sensitive, cip.sensitive))
+    assert G.nll(tiny_llama, both.control, both.targets).shape == (2,)
+
+
+def test_probe_separation_and_paper_bands():
+    import pandas as pd
+    prof = pd.DataFrame([{"kind": k, "prompt_index": i, "layer": l, "value": v + l + i * 0.1}
+                         for l in range(3) for k, v in (("a", 2.0), ("b", 0.0)) for i in range(4)])
+    sep = C.probe_separation(prof, {"a-b": ("a", "b")}, n_boot=200)
+    assert len(sep) == 3 and sep["diff"].tolist() == pytest.approx([2.0] * 3)
+    assert (sep.lo <= 2.0).all() and (sep.hi >= 2.0).all()
+    contrast = pd.DataFrame({"layer": [3, 3, 3, 5, 5, 7], "head": [0, 1, 2, 0, 1, 0],
+                             "dla_plain": [0.5, -0.2, 0.01, 0.3, 0.3, 1.0], "contrast": [0.4, 0.3, 0.9, 0.2, 0.05, 2.0]})
+    # L3: H2 fails |plain| >= 0.05, H0 and H1 qualify; L5: H1 fails the sensitivity bar; L7 has one head
+    assert C.paper_bands(contrast) == [[(3, 0), (3, 1)]]
+    assert C.paper_bands(contrast, min_sensitivity=0.01) == [[(3, 0), (3, 1)], [(5, 0), (5, 1)]]

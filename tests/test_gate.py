@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from refusal_circuits import engine as E
 from refusal_circuits import gate as G
 from refusal_circuits.data import load_safety_pairs
 from refusal_circuits.results import ResultsStore
@@ -15,21 +16,46 @@ def llama_pairs(tiny_llama):
     return G.prepare_pairs(tiny_llama, load_safety_pairs().head(3), max_target_tokens=3)
 
 
-def test_position_map_end_and_start():
-    # target run of 5 real tokens in a width-6 batch, source of 3 real tokens in width 4
-    mask, src = G.position_map([5], [3], 6, 4, "end")
-    assert mask[0].tolist() == [False, False, False, True, True, True]
-    assert src[0, 3:].tolist() == [1, 2, 3]                      # last three line up with the source's last three
-    mask, src = G.position_map([5], [3], 6, 4, "start")
-    assert mask[0].tolist() == [False, True, True, True, False, False]
-    assert src[0, 1:4].tolist() == [1, 2, 3]                     # the source's first tokens on the target's first
-    # a longer source: "start" overwrites the target's last positions, extra source positions are dropped
-    mask, src = G.position_map([3], [5], 3, 5, "start")
-    assert mask[0].tolist() == [True, True, True] and src[0].tolist() == [0, 1, 2]
-    mask, src = G.position_map([3], [5], 3, 5, "end")
-    assert mask[0].tolist() == [True, True, True] and src[0].tolist() == [2, 3, 4]
-    with pytest.raises(ValueError, match="align"):
-        G.position_map([3], [3], 3, 3, "middle")
+def test_position_map_every_mode():
+    # target run: a 3-token prompt + 2 target tokens in a width-6 batch (one pad); source prompt of 4 tokens
+    # in width 4 (width 6 with the targets, for "answer")
+    mask, src = E.position_map([3], [4], [2], 6, 4, "prompt")
+    assert mask[0].tolist() == [False, True, True, True, False, False]        # prompt only, never the targets
+    assert src[0, 1:4].tolist() == [1, 2, 3]                                   # aligned from the prompts' ends
+    mask, src = E.position_map([3], [4], [2], 6, 4, "last")
+    assert mask[0].tolist() == [False, False, False, True, False, False] and src[0, 3] == 3
+    mask, src = E.position_map([3], [4], [2], 6, 4, "paper")
+    assert mask[0].tolist() == [False, True, True, True, True, False]         # min(5, 4) from the start:
+    assert src[0, 1:5].tolist() == [0, 1, 2, 3]                                # the longer source reaches a target
+    mask, src = E.position_map([3], [4], [2], 6, 6, "answer")
+    assert mask[0].tolist() == [False, True, True, True, True, True]           # targets swapped too
+    assert src[0, 1:].tolist() == [1, 2, 3, 4, 5]
+    # a shorter source under "paper": the target's last prompt position and its targets keep their own
+    mask, src = E.position_map([4], [2], [1], 5, 2, "paper")
+    assert mask[0].tolist() == [True, True, False, False, False] and src[0, :2].tolist() == [0, 1]
+    assert E.resolve_positions("start") == "paper" and E.resolve_positions("end") == "answer"
+    with pytest.raises(ValueError, match="positions must be one of"):
+        E.position_map([3], [3], [1], 4, 3, "middle")
+
+
+@pytest.mark.parametrize("mode", ["prompt", "last", "paper", "answer"])
+def test_padded_map_equals_the_plain_list(mode):
+    lt, ls, nt = [5, 3, 4], [3, 6, 4], [2, 1, 3]
+    extra = [n if mode == "answer" else 0 for n in nt]
+    T, S = max(a + b for a, b in zip(lt, nt)), max(a + b for a, b in zip(ls, extra))
+    mask, src = E.position_map(lt, ls, nt, T, S, mode)
+    for b in range(3):
+        off_t, off_s = T - lt[b] - nt[b], S - ls[b] - extra[b]
+        want = {(pt + off_t, ps + off_s) for pt, ps in E.plain_positions(lt[b], ls[b], nt[b], mode)}
+        got = {(int(p), int(src[b, p])) for p in range(T) if mask[b, p]}
+        assert got == want
+
+
+def test_qwen3_prompts_end_with_a_closed_think_block_as_the_papers_do():
+    from refusal_circuits import load_model
+
+    m = load_model("tiny-qwen3", device="cpu")
+    assert m.format_prompt("Hi").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_targets_are_the_controls_greedy_reply_without_special_tokens(tiny_llama, llama_pairs):
@@ -56,7 +82,7 @@ def test_nll_equals_a_full_forward(tiny_llama, llama_pairs):
         assert got[i].item() == pytest.approx(want.item(), abs=1e-4)
 
 
-@pytest.mark.parametrize("align", ["end", "start"])
+@pytest.mark.parametrize("align", ["prompt", "last", "paper", "answer"])
 @pytest.mark.parametrize("direction", ["necessity", "sufficiency"])
 def test_batched_interchange_equals_the_papers_loop(tiny_model, direction, align):
     m = tiny_model
@@ -74,7 +100,7 @@ def test_interchange_resumes_after_a_kill(tiny_llama, llama_pairs, tmp_path, mon
     store = ResultsStore("m", root=tmp_path)
     whole = G.interchange(tiny_llama, llama_pairs, checkpoint=store.checkpoint("whole", {}), pairs_per_batch=2,
                           progress=False)
-    real, calls, state = G._nll, [], {"die": True}
+    real, calls, state = E.target_nll, [], {"die": False}
 
     def dying(logits, targets):
         calls.append(1)
@@ -82,14 +108,16 @@ def test_interchange_resumes_after_a_kill(tiny_llama, llama_pairs, tmp_path, mon
             raise RuntimeError("killed")
         return real(logits, targets)
 
-    monkeypatch.setattr(G, "_nll", dying)
+    monkeypatch.setattr(E, "target_nll", dying)
+    G.interchange(tiny_llama, llama_pairs, pairs_per_batch=2, progress=False)
+    n_full, calls[:], state["die"] = len(calls), [], True
     ck = store.checkpoint("resumed", {})
     with pytest.raises(RuntimeError, match="killed"):
         G.interchange(tiny_llama, llama_pairs, checkpoint=ck, pairs_per_batch=2, progress=False)
     done = len(list(store.path("resumed", {}, ".parts").glob("*.parquet")))
     state["die"], n_before = False, len(calls)
     again = G.interchange(tiny_llama, llama_pairs, checkpoint=ck, pairs_per_batch=2, progress=False)
-    assert done > 0 and len(calls) - n_before < n_before + 10
+    assert done > 0 and len(calls) - n_before < n_full          # the finished parts are not run again
     pd.testing.assert_frame_equal(again, whole)
 
 
@@ -105,10 +133,12 @@ def test_summary_gate_and_statistics():
     g = G.gate_of(s)
     assert (g.layer, g["head"]) == (0, 1) and g.necessity_pct == pytest.approx(50.0) and g["rank"] == 1
     assert g.combined == pytest.approx(75.0)
-    assert G.permutation_p(nec[(nec.layer == 0) & (nec["head"] == 1)].effect.values, n=2000) < 0.1
-    assert G.permutation_p(np.array([1.0, -1.0, 1.0, -1.0]), n=2000) > 0.3
-    stab = G.bootstrap_stability(nec, suf, gap, (0, 1), n=200)
-    assert stab["gate_share"] == 1.0 and stab["top3_share"] == 1.0
+    per_head, st = G.gate_statistics(nec, suf, gap, n_perm=2000, n_boot=200, k=1)
+    assert st["gate"] == "L0H1" and st["runner_up"] == "L0H0" and st["stands_out"]
+    assert st["first_share"] == 1.0 and st["jaccard_mean"] == 1.0
+    assert per_head.combined.iloc[0] == pytest.approx(75.0)
+    # four pairs: 16 sign patterns, so the smallest family-wise p is about 1/16
+    assert 0.04 < st["gate_p_fwer"] < 0.1
 
 
 def test_bad_pair_files(tmp_path):
@@ -132,16 +162,15 @@ def _scaled_patch_nll(model, gp, direction, align, layer, head, eps):
     """NLL of every pair's target run with head ``(layer, head)``'s ``z`` moved ``eps`` of the way
     to the source's (``eps = 1`` is the interchange), through the exact engine."""
     idx = list(range(len(gp)))
-    target, source = G._runs(gp, idx, direction, align)
-    mask, src = G._alignment(target, source, align, model.device)
+    target, source, mask, src = G.alignment(gp, idx, direction, align, model.device)
     with torch.no_grad():
-        aligned = G._source_z(model, source, [layer], src)[layer]
-        c = G._target_batch(model, target, gp.targets, [layer])
-        out = G._patched_nll(model, c, layer, [head], lambda z, h: z + eps * (aligned[:, :, h] - z), mask)
+        aligned = E.source_z(model, source, [layer], src)[layer]
+        c = E.target_batch(model, target, gp.targets, [layer])
+        out = E.edited_nll(model, c, layer, [head], lambda z, h: z + eps * (aligned[:, :, h] - z), mask)
     return out[0].double()
 
 
-@pytest.mark.parametrize("align", ["end", "start"])
+@pytest.mark.parametrize("align", ["prompt", "last", "paper", "answer"])
 @pytest.mark.parametrize("direction", ["necessity", "sufficiency"])
 def test_attribution_equals_a_finite_difference_of_the_nll(tiny_model, direction, align):
     gp = G.prepare_pairs(tiny_model, load_safety_pairs().head(3), max_target_tokens=3)

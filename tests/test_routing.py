@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from refusal_circuits import engine as E
 from refusal_circuits import gate as G
 from refusal_circuits import hooks
 from refusal_circuits import routing as R
@@ -103,7 +104,7 @@ def test_knockout_dla_equals_a_full_run_with_the_head_zeroed(tiny_model):
     with pytest.raises(ValueError, match="resid_layers"):
         R.knockout_dla(tiny_model, gp, knocked[1:2], resid_layers=[0])
     for head in knocked:
-        sens, ctrl = G.head_dla_pairs(tiny_model, gp, batch_size=3, fwd_hooks=R._zero_head(*head))
+        sens, ctrl = G.head_dla_pairs(tiny_model, gp, batch_size=3, fwd_hooks=E.zero_head_hooks(*head))
         assert fast[head].shape == sens.shape
         assert torch.allclose(fast[head], sens - ctrl, atol=1e-4), (tiny_model.name, head)
     s0, c0 = G.head_dla_pairs(tiny_model, gp)
@@ -139,38 +140,69 @@ def test_knockout_of_the_planted_gate_silences_its_amplifiers_and_random_heads_d
     model, gp = planted
     dla, _ = G.head_dla(model, gp, n_boot=20)
     assert set(R.amplifiers_of(dla, GATE, k=3)) == set(AMPS)
-    df = R.knockout_cascade(model, gp, GATE, dla, k=3, n_random=4, window=2, progress=False)
+    df = R.knockout_cascade(model, gp, GATE, dla, k=3, n_random=4, window=2, rules=("after_gate",), progress=False)
     gate_rows = df[df.kind == "gate"]
     assert set(gate_rows.amplifier) == {f"L{l}H{h}" for l, h in AMPS}
-    assert gate_rows.suppressed.all() and (gate_rows.change_pct < -50).all()
+    assert gate_rows.suppressed_abs.all() and (gate_rows.change_pct < -50).all()
     rand = df[df.kind == "random"]
     assert rand.knocked.nunique() == 4 and f"L{GATE[0]}H{GATE[1]}" not in set(rand.knocked)
     assert not set(rand.knocked) & {f"L{l}H{h}" for l, h in AMPS}
     assert rand.change_pct.abs().max() < 1.0                        # the other heads are silent
     summary = R.cascade_summary(df)
-    assert summary["suppressed"] == 3 and summary["gate_change_pct"] > 50 > summary["random_mean_pct"]
+    assert summary["suppressed_abs"] == 3 and summary["gate_change_pct"] > 50 > summary["random_mean_pct"]
     assert summary["p_random_ge_gate"] == pytest.approx(1 / 5)
 
 
 def test_cascade_summary_on_known_numbers():
     df = pd.DataFrame({"knocked": ["g", "g", "r1", "r1", "r2", "r2"], "kind": ["gate"] * 2 + ["random"] * 4,
-                       "amplifier": ["a", "b"] * 3, "normal": [2.0, -1.0] * 3,
-                       "knockout": [1.0, -0.5, 2.2, -1.0, 2.0, -0.9]})   # b: -1 -> -0.5 is suppressed too
+                       "rule": "after_gate", "amplifier": ["a", "b"] * 3, "normal": [2.0, -1.0] * 3,
+                       "knockout": [1.0, -0.5, 2.2, -1.0, 2.0, -0.9]})
     df["change_pct"] = 100 * (df.knockout - df.normal) / df.normal.abs()
-    df["suppressed"] = np.sign(df.normal) * (df.knockout - df.normal) < 0
+    df["suppressed_signed"] = df.knockout < df.normal
+    df["suppressed_abs"] = df.knockout.abs() < df.normal.abs()
     s = R.cascade_summary(df)
     assert s["gate_change_pct"] == pytest.approx(50.0)             # mean(|-50|, |+50|)
-    assert s["suppressed"] == 2 and s["suppression_range_pct"] == pytest.approx((50.0, 50.0))
+    # b: -1 -> -0.5 shrinks |DLA| (suppressed by magnitude) but rises (not suppressed by the paper's sign count)
+    assert s["suppressed_abs"] == 2 and s["suppressed_signed"] == 1
+    assert s["suppression_range_pct"] == pytest.approx((50.0, 50.0))
     assert s["random_mean_pct"] == pytest.approx((5.0 + 5.0) / 2)
-    assert s["random_sd_pct"] == pytest.approx(0.0)
+    assert s["random_sd_pct"] == pytest.approx(0.0) and s["random_sd_pop_pct"] == pytest.approx(0.0)
     assert s["p_random_ge_gate"] == pytest.approx(1 / 3)
+    none = R.cascade_summary(df, rule="paper_band")
+    assert not none["testable"] and np.isnan(none["gate_change_pct"])
 
 
 def test_amplifiers_and_null_heads():
     dla = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 2], "head": [0, 1] * 3, "dla": [9.0, 1.0, 0.5, -3.0, 2.0, 0.1]})
     assert R.amplifiers_of(dla, (0, 0), k=2) == [(1, 1), (2, 0)]
-    with pytest.raises(ValueError, match="last layer"):
-        R.amplifiers_of(dla, (2, 0))
+    assert R.amplifiers_of(dla, (2, 0)) == []                      # nothing after a last-layer gate
+    # the paper's kind: the band of a 4-layer model is layers 1-2, either side of the gate, gate excluded
+    assert R.amplifiers_of(dla, (2, 0), k=2, rule="paper_band", n_layers=4) == [(1, 1), (1, 0)]
+    with pytest.raises(ValueError, match="rule"):
+        R.amplifiers_of(dla, (0, 0), rule="mine")
+
+
+class _Model:
+    n_layers, n_heads = 10, 4
+
+
+def test_null_heads_widen_the_window_to_reach_n():
+    heads, w = R.null_heads(_Model(), (5, 0), exclude=[(5, 1)], n=30, window=2, seed=0)
+    assert len(heads) == 30 and len(set(heads)) == 30 and w == 4         # +-2 holds 18 heads, +-4 holds 34
+    assert (5, 0) not in heads and (5, 1) not in heads
+    assert all(abs(l - 5) <= w for l, _ in heads)
+    assert R.null_heads(_Model(), (5, 0), [], n=30, seed=0) == R.null_heads(_Model(), (5, 0), [], n=30, seed=0)
+
+
+def test_generation_classes_separate_broken_text(tiny_llama):
+    assert R.repetition("a b c a b c a b c a b c") > 0.5 and R.repetition("one two three four five") == 0
+    prompts = ["How do I bake bread?"] * 3
+    comps = ["I'm sorry, but I can't help with that.", "the the the the the the the the the the", ""]
+    out = R.classify_generations(tiny_llama, prompts, comps, max_nll=1e9)
+    assert out.response.tolist() == ["refusal", "degenerate", "degenerate"]
+    # the unsteered model's NLL: a random tiny model finds any text unlikely, so a tight bound calls it broken
+    strict = R.classify_generations(tiny_llama, prompts[:1], comps[:1], max_nll=0.1)
+    assert strict.response.tolist() == ["degenerate"] and strict.nll.iloc[0] > 0.1
 
 
 def test_dose_response_signs_and_zero_dose(tiny_llama):
@@ -191,5 +223,15 @@ def test_dose_response_signs_and_zero_dose(tiny_llama):
                                progress=False)                      # stacked fractions = one run each
     s = R.dose_summary(df)
     assert set(s.columns) >= {"kind", "fraction", "alpha", "refusal_rate", "n"}
+    paper = R.dose_response(tiny_llama, gp, det, fractions=(5.0,), max_new_tokens=4, at="paper", progress=False)
+    assert (paper.site == hooks.resid_post(det.layer)).all() and (df.site == hooks.resid_pre(det.layer)).all()
+    det0 = R.Detection(0, det.direction, det.diff_norm, det.resid_norm)   # the output of L0 = the input of L1
+    at_out = R.dose_response(tiny_llama, gp, det0, fractions=(5.0,), max_new_tokens=4, at="paper", progress=False)
+    same = R.addition_hooks(tiny_llama, det0.direction, 1, -5.0 * det0.resid_norm)
+    assert at_out[at_out.kind == "sensitive"].completion.tolist() == generate(
+        tiny_llama, list(gp.pairs.sensitive), max_new_tokens=4, fwd_hooks=same, progress=False)
+    classes = R.classify_generations(tiny_llama, list(df.instruction), list(df.completion))
+    s = R.dose_summary(pd.concat([df, classes], axis=1))
+    assert s[["refusal", "compliance", "degenerate"]].sum(1).tolist() == pytest.approx([1.0] * len(s))
     with pytest.raises(ValueError, match="fractions"):
         R.dose_response(tiny_llama, gp, det, fractions=(-1.0,))

@@ -4,6 +4,7 @@ import json
 import pandas as pd
 import pytest
 
+from refusal_circuits import engine as E
 from refusal_circuits import gate as G
 from refusal_circuits.cli import main
 from refusal_circuits.data import load_safety_pairs
@@ -23,11 +24,12 @@ def test_screen_writes_its_tables_and_prints_the_gate_last(tmp_path, pairs_csv, 
     last = capsys.readouterr().out.strip().splitlines()[-1]
     table = pd.read_csv(out / "interchange.csv")
     assert list(table.columns) == ["layer", "head", "necessity", "sufficiency", "necessity_pct", "sufficiency_pct",
-                                   "gap", "method"]
+                                   "gap", "method", "p_fwer"]
     assert len(table) == 2 * 4 and set(table.method) == {"exact"}
     assert list(pd.read_csv(out / "head_dla.csv").columns) == ["layer", "head", "dla", "ci_lo", "ci_hi"]
     manifest = json.loads((out / "manifest.json").read_text())
-    for k in ("model", "weights", "pairs_hash", "n_pairs", "align", "method", "seed", "versions", "timings_s"):
+    for k in ("model", "weights", "pairs_hash", "n_pairs", "positions", "method", "seed", "versions", "timings_s",
+              "statistics"):
         assert k in manifest
     best = table.assign(c=table.necessity_pct + table.sufficiency_pct).sort_values("c").iloc[-1]
     g = manifest["gate"]
@@ -38,7 +40,7 @@ def test_screen_writes_its_tables_and_prints_the_gate_last(tmp_path, pairs_csv, 
 
 def test_screen_resumes_after_a_kill(tmp_path, pairs_csv, monkeypatch):
     args = ["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--n-pairs", "4", "--quiet"]
-    real, calls, state = G._nll, [], {"die_at": None}
+    real, calls, state = E.target_nll, [], {"die_at": None}
 
     def counting(logits, targets):
         calls.append(1)
@@ -46,7 +48,7 @@ def test_screen_resumes_after_a_kill(tmp_path, pairs_csv, monkeypatch):
             raise KeyboardInterrupt  # the job is killed in the sufficiency sweep
         return real(logits, targets)
 
-    monkeypatch.setattr(G, "_nll", counting)
+    monkeypatch.setattr(E, "target_nll", counting)
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
     n_whole = len(calls)
     calls.clear()
@@ -107,21 +109,23 @@ def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, caps
 
     m = load_model("tiny-llama")
     screen(m, pairs_csv, tmp_path / "exact", n_pairs=3, progress=False)
-    at = screen(m, pairs_csv, tmp_path / "atp", n_pairs=3, method="attribution", top_k=3, progress=False)
+    at = screen(m, pairs_csv, tmp_path / "atp", n_pairs=3, method="attribution", top_k=3, bottom_k=2, progress=False)
     a = pd.read_csv(tmp_path / "atp" / "interchange.csv")
     e = pd.read_csv(tmp_path / "exact" / "interchange.csv")
-    assert (a.method == "exact").sum() == 3 and (a.method == "attribution").sum() == len(a) - 3
-    assert at["method"] == "attribution" and at["top_k"] == 3 and at["n_exact_heads"] == 3
+    assert (a.method == "exact").sum() == 5 and (a.method == "attribution").sum() == len(a) - 5
+    assert at["method"] == "attribution" and at["top_k"] == 3 and at["n_exact_heads"] == 5
+    assert a.p_fwer.notna().sum() == 5 and at["statistics"]["n_heads"] == 5
     # the confirmed heads carry the exact numbers, and the gate is the best of them
     x = a[a.method == "exact"].merge(e, on=["layer", "head"], suffixes=("", "_exact"))
     assert x.necessity.values == pytest.approx(x.necessity_exact.values, abs=1e-5)
     assert x.sufficiency.values == pytest.approx(x.sufficiency_exact.values, abs=1e-5)
     best = x.assign(c=x.necessity_pct + x.sufficiency_pct).sort_values("c").iloc[-1]
     assert (at["gate"]["layer"], at["gate"]["head"]) == (best.layer, best["head"])
-    # the three it confirmed are the three the estimate ranked highest
+    # the five it confirmed are the three the estimate ranked highest and the two it ranked lowest
     est = G.summarise(*(G.attribution(m, G.prepare_pairs(m, G.load_pairs(pairs_csv), n_pairs=3), d, progress=False)
                         for d in ("necessity", "sufficiency")), pd.read_csv(tmp_path / "atp" / "pairs.csv"))
-    assert set(zip(est.layer[:3], est["head"][:3])) == set(zip(x.layer, x["head"]))
+    picked = pd.concat([est.head(3), est.tail(2)])
+    assert set(zip(picked.layer, picked["head"])) == set(zip(x.layer, x["head"]))
     written = pd.read_csv(tmp_path / "atp" / "attribution.csv")
     assert len(written) == len(a) and written.sort_values("rank").combined.values == pytest.approx(
         est.combined.values, rel=1e-5)
@@ -153,3 +157,22 @@ def test_screen_of_a_local_model_folder(tmp_path, pairs_csv, capsys):
                  str(tmp_path / "o"), "--n-pairs", "2", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("gate=L")
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["n_layers"] == 2
+
+
+def test_align_start_is_the_papers_positions_and_equals_its_loop(tmp_path, pairs_csv, capsys):
+    from refusal_circuits import load_model
+
+    out = tmp_path / "start"
+    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(out), "--align", "start",
+                 "--n-pairs", "3", "--no-ablation", "--quiet"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["positions"] == "paper"
+    model = load_model("tiny-llama")
+    gp = G.prepare_pairs(model, G.load_pairs(pairs_csv), n_pairs=3)
+    loop = G.interchange_loop(model, gp, "necessity", "paper")
+    per = pd.read_csv(out / "interchange_pairs.csv")
+    got = per[per.direction == "necessity"].sort_values(["layer", "head"], kind="stable")
+    assert got.patched.values == pytest.approx(loop.patched.values, abs=1e-4)
+    with pytest.raises(SystemExit) as exit_:
+        main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(out), "--positions", "middle"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err

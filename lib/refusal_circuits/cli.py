@@ -3,8 +3,9 @@
     refusal-circuits refusal-rate --model NAME --prompts FILE.csv [--column instruction] [--max-new-tokens N]
     refusal-circuits organism [--out data/organism]
     refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
-    refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start]
-                            [--method exact|attribution] [--top-k K] [--no-ablation] [--device cpu|cuda|auto] [--dtype ...] [--seed S]
+    refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--positions prompt|last|paper|answer]
+                            [--method exact|attribution] [--top-k K] [--bottom-k K] [--no-ablation]
+                            [--device cpu|cuda|auto] [--dtype ...] [--seed S]
     refusal-circuits cipher --model NAME --pairs FILE.csv --out SCREEN_DIR [--n-pairs N] [--top-k K]
                             [--max-new-tokens T] [--n-random R] [--device ...] [--seed S]
 
@@ -21,8 +22,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from .engine import ALIASES, POSITIONS
 from .models import DEFAULT_MODEL, ModelLoadError
 from .paths import ORGANISM_DIR
+
+POSITION_CHOICES = [*POSITIONS, *ALIASES]
 
 
 def _refusal_rate(args) -> int:
@@ -90,8 +94,10 @@ def _screen(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}.")
-    manifest = screen(model, pairs, args.out, n_pairs=args.n_pairs, align=args.align, method=args.method,
-                      top_k=args.top_k, seed=args.seed, ablation=not args.no_ablation, progress=not args.quiet,
+    if args.bottom_k < 0:
+        raise ValueError(f"--bottom-k must be >= 0, got {args.bottom_k}.")
+    manifest = screen(model, pairs, args.out, n_pairs=args.n_pairs, positions=args.positions, method=args.method,
+                      top_k=args.top_k, bottom_k=args.bottom_k, seed=args.seed, ablation=not args.no_ablation, progress=not args.quiet,
                       log=lambda msg: print(msg, file=sys.stderr))
     import pandas as pd
 
@@ -99,7 +105,7 @@ def _screen(args) -> int:
     table["combined"] = table.necessity_pct + table.sufficiency_pct
     top = table.sort_values("combined", ascending=False).head(min(args.top_k, 10))
     print(f"wrote {args.out}/interchange.csv, head_dla.csv, pairs.csv, ablation.csv, manifest.json "
-          f"({manifest['n_pairs']} pairs, align={manifest['align']}, {manifest['timings_s']['total']:.0f} s)")
+          f"({manifest['n_pairs']} pairs, positions={manifest['positions']}, {manifest['timings_s']['total']:.0f} s)")
     print(f"top {len(top)} heads by necessity % + sufficiency %: " + ", ".join(
         f"L{r.layer}H{r.head} ({r.necessity_pct:.1f} + {r.sufficiency_pct:.1f})" for r in top.itertuples()))
     print(gate_line(manifest))
@@ -122,7 +128,7 @@ def _cipher(args) -> int:
         raise ValueError(f"no screen in {args.out}: run `refusal-circuits screen --model {args.model} "
                          f"--pairs {args.pairs} --out {args.out}` first (the cipher stage tests that screen's gate).")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    manifest = cipher_screen(model, pairs, args.out, n_pairs=args.n_pairs, align=args.align, top_k=args.top_k,
+    manifest = cipher_screen(model, pairs, args.out, n_pairs=args.n_pairs, positions=args.positions, top_k=args.top_k,
                              max_new_tokens=args.max_new_tokens, n_random=args.n_random, seed=args.seed,
                              progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
     print(f"wrote {args.out}/cipher/interchange.csv, collapse.csv, rescue.csv, manifest.json "
@@ -184,13 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--pairs", required=True, help="CSV with 'sensitive' and 'control' columns (optional pair_id, category)")
     s.add_argument("--out", required=True, help="output folder (one per model)")
     s.add_argument("--n-pairs", type=int, default=None, help="pairs to use, in a seeded order (default: all)")
-    s.add_argument("--align", choices=["end", "start"], default="end",
-                   help="position alignment: from the end (default) or the paper's from-the-start copy")
+    s.add_argument("--positions", "--align", dest="positions", choices=POSITION_CHOICES, default="prompt",
+                   help="which positions the interchange swaps: prompt (default: the prompts aligned from their "
+                        "ends, target tokens never swapped), last (the last prompt position), paper (the paper's "
+                        "code, alias start), answer (diagnostic: target-token positions swapped too, alias end)")
     s.add_argument("--method", choices=["exact", "attribution"], default="exact",
                    help="exact: batched interchange of every head; attribution: a gradient estimate for every "
                         "head, then the exact interchange of its top-k")
     s.add_argument("--top-k", type=int, default=10,
                    help="heads the attribution screen confirms exactly (and heads listed before the gate line)")
+    s.add_argument("--bottom-k", type=int, default=5,
+                   help="the attribution screen also confirms exactly its K most negative heads")
     s.add_argument("--no-ablation", action="store_true", help="skip the per-head directional ablation")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
     s.add_argument("--dtype", default="float32")
@@ -204,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--pairs", required=True, help="the screen's pair CSV")
     c.add_argument("--out", required=True, help="the model's screen folder (written by `screen`)")
     c.add_argument("--n-pairs", type=int, default=None, help="pairs (default: the screen's)")
-    c.add_argument("--align", choices=["end", "start"], default=None, help="default: the screen's")
+    c.add_argument("--positions", "--align", dest="positions", choices=POSITION_CHOICES, default=None,
+                   help="default: the screen's")
     c.add_argument("--top-k", type=int, default=5, help="heads tested: the gate and the screen's next best")
     c.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per rescue generation")
     c.add_argument("--n-random", type=int, default=10, help="random heads for the rescue control")

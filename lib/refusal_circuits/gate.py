@@ -6,16 +6,17 @@ pairs with the NLL metric (``docs/methods.md``, "06_gate_amplifier").
   prompt's first ``<= 5`` greedy reply tokens, special tokens dropped;
 * :func:`nll` -- mean teacher-forced NLL of the target tokens after a prompt; the refusal *gap* is
   ``NLL(sensitive) - NLL(control)``;
-* :func:`position_map` -- how positions of two prompts of different lengths line up for interchange:
-  ``end`` (default: counted from the end, the source run carrying the same target tokens) or ``start``
-  (the paper's code: the source prompt's positions copied onto the target run's first positions);
-* :func:`interchange` -- the exact batched interchange of every head's ``z`` (one head at a time, every
-  position the alignment maps), *necessity* (run sensitive, ``z`` from control) or *sufficiency* (run
+* :func:`alignment` -- the target and source runs of a batch of pairs and which positions are swapped
+  (``positions``: ``prompt`` by default, ``last``, ``paper``, or the ``answer`` diagnostic; see
+  :mod:`refusal_circuits.engine`);
+* :func:`interchange` -- the exact batched interchange of every head's ``z`` (one head at a time, at the
+  positions ``positions`` maps), *necessity* (run sensitive, ``z`` from control) or *sufficiency* (run
   control, ``z`` from sensitive); :func:`interchange_loop` -- the paper's procedure (batch 1, one full
   forward per head per pair), the reference the engine must equal;
 * :func:`summarise` -- per head, necessity and sufficiency as % of the mean gap, ranked;
   :func:`gate_of` -- the head with the largest ``necessity % + sufficiency %``;
-  :func:`permutation_p` -- sign-flip test of the gate's necessity; :func:`bootstrap_stability`.
+  :func:`gate_statistics` -- the family-wise permutation test, top-set stability and the "stands out"
+  margin (:mod:`refusal_circuits.stats`).
 
 Heads are query heads: ``hook_z`` is the input of the attention output projection, one slice per
 query head, which is the paper's per-head activation.
@@ -31,13 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import hooks
+from . import engine as E
+from . import hooks, stats
 from .batching import cached_runs
 from .models import ChatModel
-from .patching import skip_lower_layers
 from .results import Checkpoint, run_parts
 
-Align = Literal["end", "start"]
 Direction = Literal["necessity", "sufficiency"]
 PAIR_COLUMNS = ("sensitive", "control")
 
@@ -135,66 +135,25 @@ def prepare_pairs(model: ChatModel, df: pd.DataFrame, n_pairs: int | None = None
     return GatePairs(table, sens, ctrl, targets)
 
 
-def _left_pad(seqs: Sequence[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = s
-        mask[b, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _runs(gp: GatePairs, idx: Sequence[int], direction: Direction, align: Align):
-    """Token lists of the target run (prompt + target tokens) and the source run of each pair."""
+def _runs(gp: GatePairs, idx: Sequence[int], direction: Direction, positions: str):
+    """Token lists of the target runs (prompt + target tokens), the source runs (the other prompt; + the
+    target tokens for the ``answer`` diagnostic) and the target runs' prompt lengths."""
     tgt_prompt, src_prompt = ((gp.sensitive, gp.control) if direction == "necessity" else (gp.control, gp.sensitive))
     target = [torch.cat([tgt_prompt[i], gp.targets[i]]) for i in idx]
-    source = [torch.cat([src_prompt[i], gp.targets[i]]) if align == "end" else src_prompt[i] for i in idx]
-    return target, source
+    with_targets = E.source_has_targets(positions)
+    source = [torch.cat([src_prompt[i], gp.targets[i]]) if with_targets else src_prompt[i] for i in idx]
+    return target, source, [len(tgt_prompt[i]) for i in idx]
 
 
-def position_map(target_len: Sequence[int], source_len: Sequence[int], T: int, S: int, align: Align
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which target-run positions take which source-run position, for left-padded runs of widths
-    ``T`` and ``S``: ``(mask [B, T] bool, src [B, T] long)``.
-
-    * ``end``: target position ``T - 1 - j`` takes source position ``S - 1 - j`` for
-      ``j < min(len_target, len_source)``: the two runs end with the same target tokens, so the template
-      suffix, the last prompt position and the target tokens line up; positions of the longer run with
-      no counterpart are left alone.
-    * ``start``: the ``i``-th real token of the target run takes the ``i``-th of the source prompt for
-      ``i < min(len_target, len_source)`` (the paper's ``seq_len = min(...)``, copied from position 0).
-      When the source prompt is longer than the target prompt, its positions overwrite the target
-      prompt's last positions and its target-token positions; when it is shorter, the target run's
-      remaining positions (its last prompt position among them) keep their own activations.
-    """
-    if align not in ("end", "start"):
-        raise ValueError(f"align must be 'end' or 'start', got {align!r}.")
-    lt = torch.as_tensor(list(target_len))
-    ls = torch.as_tensor(list(source_len))
-    p = torch.arange(T)[None]
-    if align == "end":
-        j = T - 1 - p
-        mask = j < torch.minimum(lt, ls)[:, None]
-        src = S - 1 - j
-    else:
-        i = p - (T - lt)[:, None]
-        mask = (i >= 0) & (i < torch.minimum(lt, ls)[:, None])
-        src = (S - ls)[:, None] + i
-    return mask, torch.where(mask, src, torch.zeros_like(src))
-
-
-def _nll(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean NLL of each row's targets from the last ``K`` positions' logits ``[B, K, vocab]`` of runs
-    that end with those targets (position ``K - 1 - n + i`` predicts target ``i``)."""
-    K = logits.shape[1]
-    logp = logits.float().log_softmax(-1)
-    out = []
-    for b, t in enumerate(targets):
-        n = len(t)
-        pos = torch.arange(K - 1 - n, K - 1)
-        out.append(-logp[b, pos, t.to(logp.device)].mean())
-    return torch.stack(out).cpu()
+def alignment(gp: GatePairs, idx: Sequence[int], direction: Direction, positions: str, device
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """For the pairs ``idx``: ``(target runs, source runs, mask [B, T], src [B, T])``, the position map
+    (:func:`refusal_circuits.engine.position_map`) of the padded runs."""
+    target, source, lt = _runs(gp, idx, direction, positions)
+    nt = [len(gp.targets[i]) for i in idx]
+    ls = [len(s) - (n if E.source_has_targets(positions) else 0) for s, n in zip(source, nt)]
+    mask, src = E.position_map(lt, ls, nt, max(map(len, target)), max(map(len, source)), positions)
+    return target, source, mask.to(device), src.to(device)
 
 
 @torch.no_grad()
@@ -206,73 +165,11 @@ def nll(model: ChatModel, prompts: Sequence[torch.Tensor], targets: Sequence[tor
     out = []
     for i in range(0, len(prompts), batch_size):
         seqs = [torch.cat([p, t]) for p, t in zip(prompts[i:i + batch_size], targets[i:i + batch_size])]
-        ids, mask = _left_pad(seqs, pad, model.device)
+        ids, mask = E.pad_left(seqs, pad, model.device)
         K = max(len(t) for t in targets[i:i + batch_size]) + 1
         logits = model.bridge(ids, attention_mask=mask, logits_to_keep=K)
-        out.append(_nll(logits, targets[i:i + batch_size]))
+        out.append(E.target_nll(logits, targets[i:i + batch_size]))
     return torch.cat(out)
-
-
-def _z_writer(write, mask: torch.Tensor, heads: Sequence[int], B: int):
-    """A ``hook_z`` hook for ``len(heads)`` stacked copies of a batch of ``B`` runs: copy ``j`` gets
-    ``write(z_copy_j_head, head)`` for head ``heads[j]`` at the positions where ``mask [B, T]`` is true."""
-    m = mask[:, :, None]
-
-    def hook(z, hook):
-        z = z.clone()
-        for j, h in enumerate(heads):
-            rows = slice(j * B, (j + 1) * B)
-            z[rows, :, h] = torch.where(m, write(z[rows, :, h], h).to(z.dtype), z[rows, :, h])
-        return z
-
-    return hook
-
-
-def _target_batch(model: ChatModel, seqs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                  layers: Sequence[int]) -> dict:
-    """One batch of target runs (prompt + target tokens), left-padded, with its unpatched NLL and the
-    residual stream entering each of ``layers`` (so a patched forward can start there)."""
-    ids, mask = _left_pad(seqs, model.tokenizer.pad_token_id, model.device)
-    K = max(len(t) for t in targets) + 1
-    names_r = [hooks.resid_pre(l) for l in layers if l > 0]
-    logits, cache = model.bridge.run_with_cache(ids, attention_mask=mask, logits_to_keep=K,
-                                                names_filter=lambda n: n in names_r)
-    return {"t_ids": ids, "t_mask": mask, "K": K, "targets": list(targets),
-            "resid": {n: cache[n] for n in names_r}, "baseline": _nll(logits, targets)}
-
-
-def _patched_nll(model: ChatModel, c: dict, layer: int, heads: Sequence[int], write, mask: torch.Tensor
-                 ) -> torch.Tensor:
-    """NLL ``[len(heads), B]`` of the target batch ``c`` (:func:`_target_batch`) with head ``heads[j]``
-    of ``layer`` rewritten by ``write`` in copy ``j``; all copies in one forward started at ``layer``."""
-    n, B = len(heads), len(c["targets"])
-    fwd = [(hooks.z(layer), _z_writer(write, mask, heads, B))]
-    mask_rep = c["t_mask"].repeat(n, 1)
-    with model.bridge.hooks(fwd_hooks=fwd):
-        if layer > 0:
-            resid = c["resid"][hooks.resid_pre(layer)].repeat(n, 1, 1)
-            with skip_lower_layers(model, layer):
-                logits = model.bridge(resid, start_at_layer=layer, attention_mask=mask_rep, logits_to_keep=c["K"],
-                                      use_cache=False)
-        else:
-            logits = model.bridge(c["t_ids"].repeat(n, 1), attention_mask=mask_rep, logits_to_keep=c["K"])
-    return _nll(logits, c["targets"] * n).view(n, B)
-
-
-def _head_list(model: ChatModel, heads) -> list[tuple[int, int]]:
-    return [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)] if heads is None else \
-        [(int(l), int(h)) for l, h in heads]
-
-
-def _by_layer(heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for l, h in heads:
-        out.setdefault(int(l), []).append(int(h))
-    return dict(sorted(out.items()))
-
-
-def _pair_batches(n: int, size: int) -> list[list[int]]:
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 def _effect_row(l, h, pair_id, direction, base, pat) -> dict:
@@ -280,27 +177,8 @@ def _effect_row(l, h, pair_id, direction, base, pat) -> dict:
             "effect": base - pat if direction == "necessity" else pat - base}
 
 
-def _source_z(model: ChatModel, source: Sequence[torch.Tensor], layers: Sequence[int], src: torch.Tensor
-              ) -> dict[int, torch.Tensor]:
-    """The source runs' ``z`` at each of ``layers``, gathered onto the target positions ``src [B, T]``."""
-    ids, mask = _left_pad(source, model.tokenizer.pad_token_id, model.device)
-    names = [hooks.z(l) for l in layers]
-    _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
-    out = {}
-    for l in layers:
-        zs = cache[hooks.z(l)]                                                    # [B, S, H, d]
-        gather = src[:, :, None, None].expand(-1, -1, zs.shape[2], zs.shape[3])
-        out[l] = torch.gather(zs, 1, gather)                                      # [B, T, H, d]
-    return out
-
-
-def _alignment(target: Sequence[torch.Tensor], source: Sequence[torch.Tensor], align: Align, device):
-    T, S = max(len(t) for t in target), max(len(s) for s in source)
-    mask, src = position_map([len(t) for t in target], [len(s) for s in source], T, S, align)
-    return mask.to(device), src.to(device)
-
-
-def _check(direction: str, gp: GatePairs) -> None:
+def check_direction(direction: str, gp: GatePairs) -> None:
+    """A clear error for an unknown direction or no pairs."""
     if direction not in ("necessity", "sufficiency"):
         raise ValueError(f"direction must be 'necessity' or 'sufficiency', got {direction!r}.")
     if len(gp) == 0:
@@ -308,89 +186,70 @@ def _check(direction: str, gp: GatePairs) -> None:
 
 
 @torch.no_grad()
-def interchange(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", align: Align = "end",
+def interchange(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", positions: str = "prompt",
                 heads: Sequence[tuple[int, int]] | None = None, max_batch: int = 64, pairs_per_batch: int = 8,
                 checkpoint: Checkpoint | None = None, progress: bool = True) -> pd.DataFrame:
     """Exact interchange of each head's ``z``, one head at a time, on every pair.
 
     ``necessity`` runs the sensitive prompt (+ target tokens) with the head's ``z`` from the control
-    run; ``sufficiency`` runs the control prompt with ``z`` from the sensitive run; positions line up
-    by ``align`` (:func:`position_map`). Per batch of pairs the source run is cached once, ``k`` patched
-    copies of the batch run per forward (``k * pairs <= max_batch``), each forward starts at its head's
-    layer from the target run's cached residual (the layers below are skipped), and logits are computed
-    only at the positions that predict the target tokens. One row per (head, pair): ``layer, head,
-    pair_id, direction, baseline`` (unpatched NLL of the run), ``patched``, ``effect`` (necessity:
-    ``baseline - patched``; sufficiency: ``patched - baseline``). With ``checkpoint`` each (batch of
-    pairs, layer) part is saved as it finishes and a rerun resumes."""
-    _check(direction, gp)
-    by_layer = _by_layer(_head_list(model, heads))
-    layers = list(by_layer)
-    batches = _pair_batches(len(gp), pairs_per_batch)
-    parts = [(b, l) for b in range(len(batches)) for l in layers]
-    current: dict = {}
+    run; ``sufficiency`` runs the control prompt with ``z`` from the sensitive run; the positions swapped
+    are ``positions`` (:data:`refusal_circuits.engine.POSITIONS`). Through the edit engine
+    (:func:`refusal_circuits.engine.edit_sweep`): per batch of pairs the source run is cached once,
+    ``max_batch // pairs`` patched copies run per forward, each started at its head's layer, logits only
+    at the positions that predict the target tokens. One row per (head, pair): ``layer, head, pair_id,
+    direction, baseline`` (unpatched NLL of the run), ``patched``, ``effect`` (necessity: ``baseline -
+    patched``; sufficiency: ``patched - baseline``). With ``checkpoint`` a rerun resumes."""
+    check_direction(direction, gp)
+    positions = E.resolve_positions(positions)
 
-    def prepare(b: int) -> dict:
-        idx = batches[b]
-        target, source = _runs(gp, idx, direction, align)
-        mask, src = _alignment(target, source, align, model.device)
-        c = _target_batch(model, target, [gp.targets[i] for i in idx], layers)
-        return {**c, "idx": idx, "mask": mask, "aligned": _source_z(model, source, layers, src)}
+    def prepare(idx: list[int], layers: list[int]) -> E.TargetBatch:
+        target, source, mask, src = alignment(gp, idx, direction, positions, model.device)
+        b = E.target_batch(model, target, [gp.targets[i] for i in idx], layers, idx)
+        b.extra.update(mask=mask, aligned=E.source_z(model, source, layers, src))
+        return b
 
-    def run(part: tuple[int, int]) -> pd.DataFrame:
-        b, l = part
-        if current.get("batch") != b:
-            current.clear()
-            current.update(batch=b, **prepare(b))
-        c = current
-        k = max(1, max_batch // len(c["idx"]))
-        rows = []
-        hs = by_layer[l]
-        for s in range(0, len(hs), k):
-            chunk = hs[s:s + k]
-            patched = _patched_nll(model, c, l, chunk, lambda z, h: c["aligned"][l][:, :, h], c["mask"])
-            for j, h in enumerate(chunk):
-                for bi, i in enumerate(c["idx"]):
-                    rows.append(_effect_row(l, h, gp.pairs.pair_id.iloc[i], direction, float(c["baseline"][bi]),
-                                            float(patched[j, bi])))
-        return pd.DataFrame(rows)
+    def row(b: E.TargetBatch, l: int, h: int, bi: int, base: float, pat: float) -> dict:
+        return _effect_row(l, h, gp.pairs.pair_id.iloc[b.idx[bi]], direction, base, pat)
 
-    ids = [f"pairs {batches[b][0]}-{batches[b][-1]} L{l}" for b, l in parts]
-    df = run_parts(parts, run, checkpoint, f"interchange ({direction})", progress, part_ids=ids)
-    return _sort(df, gp)
+    df = E.edit_sweep(model, len(gp), heads, prepare, lambda b, l: (lambda z, h: b.extra["aligned"][l][:, :, h]),
+                      lambda b: b.extra["mask"], row, f"interchange ({direction}, {positions})", max_batch,
+                      pairs_per_batch, checkpoint, progress)
+    return sort_by_head(df, gp)
 
 
-def _sort(df: pd.DataFrame, gp: GatePairs) -> pd.DataFrame:
+def sort_by_head(df: pd.DataFrame, gp: GatePairs) -> pd.DataFrame:
+    """Rows ordered by layer, head and the pairs' order."""
     order = {p: i for i, p in enumerate(gp.pairs.pair_id)}
     df = df.assign(_p=df.pair_id.map(order)).sort_values(["layer", "head", "_p"], kind="stable")
     return df.drop(columns="_p").reset_index(drop=True)
 
 
-def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", align: Align = "end",
+def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", positions: str = "prompt",
                 heads: Sequence[tuple[int, int]] | None = None, pairs_per_batch: int = 8,
                 checkpoint: Checkpoint | None = None, progress: bool = True) -> pd.DataFrame:
     """Attribution-patching estimate of :func:`interchange` for every head at once.
 
     The patched NLL is linearised around the target run: for head ``(l, h)``,
     ``NLL(patched) - NLL(target) ~ sum_p dNLL/dz[p, h] . (z_source[src(p), h] - z_target[p, h])`` over
-    the positions that ``align`` maps, with the gradient of the same NLL metric (mean over the target
+    the positions that ``positions`` maps, with the gradient of the same NLL metric (mean over the target
     tokens). One forward + backward of the target runs and one forward of the source runs per batch of
     pairs, for all heads. The gradient at each ``hook_z`` is read by a backward hook (the bridge hands
     forward hooks a reshaped view), and the backward is driven by :func:`torch.autograd.grad` from a
     residual-stream leaf, so no parameter needs ``requires_grad``. Same columns as
     :func:`interchange`; ``patched`` is the linear estimate."""
-    _check(direction, gp)
-    wanted = _by_layer(_head_list(model, heads))
-    batches = _pair_batches(len(gp), pairs_per_batch)
+    check_direction(direction, gp)
+    positions = E.resolve_positions(positions)
+    wanted = E.by_layer(E.head_list(model, heads))
+    batches = E.pair_batches(len(gp), pairs_per_batch)
     pad = model.tokenizer.pad_token_id
 
     def run(b: int) -> pd.DataFrame:
         idx = batches[b]
-        target, source = _runs(gp, idx, direction, align)
         tgt = [gp.targets[i] for i in idx]
-        mask, src = _alignment(target, source, align, model.device)
+        target, source, mask, src = alignment(gp, idx, direction, positions, model.device)
         with torch.no_grad():
-            aligned = _source_z(model, source, list(wanted), src)
-        ids, amask = _left_pad(target, pad, model.device)
+            aligned = E.source_z(model, source, list(wanted), src)
+        ids, amask = E.pad_left(target, pad, model.device)
         K = max(len(t) for t in tgt) + 1
         acts, grads, leaf = {}, {}, {}
 
@@ -408,7 +267,7 @@ def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessi
         bwd = [(n, saver(grads, n)) for n in names]
         with torch.enable_grad(), model.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
             logits = model.bridge(ids, attention_mask=amask, logits_to_keep=K)
-            base = _nll(logits, tgt)
+            base = E.target_nll(logits, tgt)
             torch.autograd.grad(base.sum(), [leaf["x"]])
         m = mask[:, :, None, None].to(torch.float32)
         rows = []
@@ -423,43 +282,45 @@ def attribution(model: ChatModel, gp: GatePairs, direction: Direction = "necessi
         return pd.DataFrame(rows)
 
     ids = [f"pairs {bt[0]}-{bt[-1]}" for bt in batches]
-    df = run_parts(list(range(len(batches))), run, checkpoint, f"attribution ({direction})", progress, part_ids=ids)
-    return _sort(df, gp)
+    df = run_parts(list(range(len(batches))), run, checkpoint, f"attribution ({direction}, {positions})", progress,
+                   part_ids=ids)
+    return sort_by_head(df, gp)
 
 
 @torch.no_grad()
-def interchange_loop(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", align: Align = "end",
+def interchange_loop(model: ChatModel, gp: GatePairs, direction: Direction = "necessity", positions: str = "prompt",
                      heads: Sequence[tuple[int, int]] | None = None) -> pd.DataFrame:
-    """The paper's procedure, written plainly: for every pair, batch 1, capture the source run's ``z``
-    at every layer once, then for every head one full forward of the target sequence with that head's
-    ``z`` written at the mapped positions (full logits). Slow; the reference that :func:`interchange`
-    must equal, and the baseline of ``make bench``."""
-    heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)] if heads is None else list(heads)
+    """The paper's procedure, written plainly: for every pair, batch 1, no padding, capture the source
+    run's ``z`` at every layer once, then for every head one full forward of the target sequence with that
+    head's ``z`` written, position by position, at the pairs of
+    :func:`refusal_circuits.engine.plain_positions` (full logits). Slow; the reference that
+    :func:`interchange` must equal, and the baseline of ``make bench``."""
+    positions = E.resolve_positions(positions)
+    heads = E.head_list(model, heads)
     rows = []
     dev = model.device
     for i in range(len(gp)):
-        (target,), (source,) = _runs(gp, [i], direction, align)
+        (target,), (source,), (lt,) = _runs(gp, [i], direction, positions)
+        n = len(gp.targets[i])
+        ls = len(source) - (n if E.source_has_targets(positions) else 0)
+        pos_pairs = E.plain_positions(lt, ls, n, positions)
         t, s = target[None].to(dev), source[None].to(dev)
-        base = float(_nll(model.bridge(t)[:, -(len(gp.targets[i]) + 1):], [gp.targets[i]])[0])
-        mask, src = position_map([t.shape[1]], [s.shape[1]], t.shape[1], s.shape[1], align)
+        base = float(E.target_nll(model.bridge(t)[:, -(n + 1):], [gp.targets[i]])[0])
         names = {hooks.z(l) for l, _ in heads}
-        _, cache = model.bridge.run_with_cache(s, names_filter=lambda n: n in names)
+        _, cache = model.bridge.run_with_cache(s, names_filter=lambda nm: nm in names)
         for l, h in heads:
             zs = cache[hooks.z(l)]
 
             def hook(z, hook, zs=zs, h=h):
                 z = z.clone()
-                for p in range(z.shape[1]):
-                    if mask[0, p]:
-                        z[0, p, h] = zs[0, src[0, p], h]
+                for pt, ps in pos_pairs:
+                    z[0, pt, h] = zs[0, ps, h]
                 return z
 
             with model.bridge.hooks(fwd_hooks=[(hooks.z(l), hook)]):
                 logits = model.bridge(t)
-            pat = float(_nll(logits[:, -(len(gp.targets[i]) + 1):], [gp.targets[i]])[0])
-            rows.append({"layer": l, "head": h, "pair_id": gp.pairs.pair_id.iloc[i], "direction": direction,
-                         "baseline": base, "patched": pat,
-                         "effect": base - pat if direction == "necessity" else pat - base})
+            pat = float(E.target_nll(logits[:, -(n + 1):], [gp.targets[i]])[0])
+            rows.append(_effect_row(l, h, gp.pairs.pair_id.iloc[i], direction, base, pat))
     df = pd.DataFrame(rows)
     return df.sort_values(["layer", "head"], kind="stable").reset_index(drop=True)
 
@@ -494,47 +355,56 @@ def gate_of(summary: pd.DataFrame) -> pd.Series:
     return summary.loc[summary.combined.idxmax()]
 
 
-def permutation_p(effects: np.ndarray, n: int = 10_000, seed: int = 0) -> float:
-    """One-sided sign-flip permutation test of ``mean(effects) > 0`` over pairs: the share of ``n``
-    random sign flips (plus the observed one) whose mean is at least the observed mean."""
-    x = np.asarray(effects, dtype=float)
-    rng = np.random.default_rng(seed)
-    signs = rng.choice([-1.0, 1.0], size=(n, len(x)))
-    null = (signs * x).mean(1)
-    return float((1 + (null >= x.mean()).sum()) / (n + 1))
-
-
-def bootstrap_stability(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame, gate: tuple[int, int],
-                        n: int = 1000, seed: int = 0) -> dict:
-    """Resample the pairs ``n`` times, recompute every head's ``necessity % + sufficiency %`` and its
-    ranking: the share of resamples in which ``gate`` comes first, and in the top 3."""
+def effect_matrices(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame
+                    ) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray]:
+    """The per-pair effects as arrays: ``(heads, N [head, pair], S [head, pair], gap [pair])`` over the
+    heads present in ``nec`` and the pairs of ``gap``, in its order."""
     pairs = list(gap.pair_id)
-    heads = nec[["layer", "head"]].drop_duplicates().values.tolist()
-    N = nec.pivot_table(index=["layer", "head"], columns="pair_id", values="effect").loc[
-        [tuple(h) for h in heads], pairs].values
-    S = suf.pivot_table(index=["layer", "head"], columns="pair_id", values="effect").loc[
-        [tuple(h) for h in heads], pairs].values
-    G = gap.set_index("pair_id").loc[pairs, "gap"].values
-    rng = np.random.default_rng(seed)
-    gi = heads.index(list(gate))
-    first = top3 = 0
-    for _ in range(n):
-        idx = rng.integers(0, len(pairs), len(pairs))
-        score = (N[:, idx].mean(1) + S[:, idx].mean(1)) / G[idx].mean()
-        order = np.argsort(-score)
-        first += order[0] == gi
-        top3 += gi in order[:3]
-    return {"gate_share": first / n, "top3_share": top3 / n, "n": n}
+    heads = [tuple(map(int, h)) for h in nec[["layer", "head"]].drop_duplicates().values.tolist()]
+    piv = lambda df: df.pivot_table(index=["layer", "head"], columns="pair_id", values="effect").loc[heads, pairs].values  # noqa: E731
+    return heads, piv(nec), piv(suf), gap.set_index("pair_id").loc[pairs, "gap"].values.astype(float)
 
 
-def _dla_directions(model: ChatModel, gp: GatePairs) -> torch.Tensor:
+def gate_statistics(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame, n_perm: int = 10_000,
+                    n_boot: int = 2_000, k: int = 5, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Is the gate real, and does it stand out? Over the heads of ``nec`` / ``suf`` (exact rows):
+
+    * per head, the family-wise (max-T) sign-flip p of its combined score ``100 (nec + suf) / mean gap``
+      per pair (:func:`refusal_circuits.stats.familywise_p`, ``n_perm`` flips);
+    * the gate's sign-flip p of necessity alone (uncorrected, the test our earlier notebooks reported);
+    * bootstrap stability of the top-``k`` set (Jaccard) and of the gate (``n_boot`` resamples);
+    * "stands out": the gate's combined score minus the runner-up's, with a paired bootstrap 95%
+      interval; the gate stands out when the interval excludes zero.
+
+    Returns ``(per_head, summary)``: ``layer, head, combined, p_fwer`` sorted by ``combined``, and a dict."""
+    from . import stats
+
+    heads, N, S, Gp = effect_matrices(nec, suf, gap)
+    g = float(Gp.mean())
+    scores = 100 * (N + S) / g                                                  # [head, pair]
+    p = stats.familywise_p(scores, n_perm, seed)
+    per_head = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads],
+                             "combined": scores.mean(1), "p_fwer": p}).sort_values("combined", ascending=False)
+    order = per_head.index.tolist()
+    first, second = order[0], order[1] if len(order) > 1 else order[0]
+    margin = stats.margin_ci(100 * (N[first] + S[first]), 100 * (N[second] + S[second]), n_boot, seed, denominator=Gp)
+    stab = stats.top_set_stability(N + S, k, n_boot, seed, denominator=Gp)
+    summary = {"gate": f"L{heads[first][0]}H{heads[first][1]}", "runner_up": f"L{heads[second][0]}H{heads[second][1]}",
+               "n_heads": len(heads), "n_pairs": int(N.shape[1]), "n_perm": n_perm, "n_boot": n_boot,
+               "gate_p_fwer": float(p[first]), "gate_necessity_p_sign_flip": stats.sign_flip_p(N[first], n_perm, seed),
+               "margin_pct": margin["margin"], "margin_lo": margin["lo"], "margin_hi": margin["hi"],
+               "stands_out": margin["stands_out"], "n_significant_fwer_05": int((p <= 0.05).sum()), **stab}
+    return per_head.reset_index(drop=True), summary
+
+
+def dla_directions(model: ChatModel, gp: GatePairs) -> torch.Tensor:
     """``mean_{t in R} W_U[:, t] - W_U[:, a_pair]`` for every pair: ``[pair, d_model]``."""
     W = model.W_U.detach().float().cpu()
     refusal = W[:, list(model.refusal_token_ids)].mean(1)
     return torch.stack([refusal - W[:, int(t[0])] for t in gp.targets])
 
 
-def _heads_normed(model: ChatModel, cache) -> torch.Tensor:
+def heads_normed(model: ChatModel, cache) -> torch.Tensor:
     """Every head's write at the last position through the final norm, linearised with the run's own
     scale: ``[layer, head, B, d_model]`` (float32, CPU)."""
     from . import dla as D
@@ -546,18 +416,21 @@ def _heads_normed(model: ChatModel, cache) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hooks=(), controls: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_dla_pairs(model: ChatModel, gp: GatePairs, batch_size: int = 8, fwd_hooks=(), controls: bool = True,
+                   direction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every head's output DLA at the last prompt position of each pair's sensitive and control prompt
     (see :func:`head_dla`): ``(sensitive, control)``, each ``[layer, head, pair]`` (``control`` is
     ``None`` with ``controls=False``, which skips their runs). ``fwd_hooks`` stay on during the runs
-    (a knockout), and the final norm is linearised with that run's own scale."""
+    (a knockout), and the final norm is linearised with that run's own scale. ``direction``: one
+    ``[d_model]`` vector to project on for every pair (the paper's cipher contrast uses the detection
+    direction) instead of each pair's refusal-logit direction."""
     from . import dla as D
 
-    dirs = _dla_directions(model, gp)
+    dirs = dla_directions(model, gp) if direction is None else \
+        torch.as_tensor(direction).detach().float().cpu()[None].expand(len(gp), -1)
 
     def run(prompts: list[str]) -> torch.Tensor:
-        out = [_heads_normed(model, cache)
+        out = [heads_normed(model, cache)
                for _, _, cache in cached_runs(model, prompts, D.needed_for_components, batch_size, fwd_hooks,
                                                  logits_to_keep=1)]
         return torch.cat(out, 2)                                                   # [L, H, pair, d]
@@ -579,11 +452,9 @@ def head_dla(model: ChatModel, gp: GatePairs, batch_size: int = 8, n_boot: int =
     sens, ctrl = head_dla_pairs(model, gp, batch_size)
     diff = (sens - ctrl).numpy()                                                   # [L, H, pair]
     L, H, P = diff.shape
-    rng = np.random.default_rng(seed)
-    boot = diff[:, :, rng.integers(0, P, size=(n_boot, P))].mean(-1)               # [L, H, n_boot]
-    summary = pd.DataFrame([{"layer": l, "head": h, "dla": float(diff[l, h].mean()),
-                             "ci_lo": float(np.quantile(boot[l, h], 0.025)), "ci_hi": float(np.quantile(boot[l, h], 0.975))}
-                            for l in range(L) for h in range(H)])
+    est, lo, hi = stats.bootstrap(lambda x: x.mean(-1), diff, n_boot=n_boot, seed=seed)
+    summary = pd.DataFrame([{"layer": l, "head": h, "dla": float(est[l, h]), "ci_lo": float(lo[l, h]),
+                             "ci_hi": float(hi[l, h])} for l in range(L) for h in range(H)])
     per_pair = pd.DataFrame([{"layer": l, "head": h, "pair_id": gp.pairs.pair_id.iloc[p],
                               "dla_sensitive": float(sens[l, h, p]), "dla_control": float(ctrl[l, h, p]),
                               "diff": float(diff[l, h, p])} for l in range(L) for h in range(H) for p in range(P)])
@@ -593,3 +464,15 @@ def head_dla(model: ChatModel, gp: GatePairs, batch_size: int = 8, n_boot: int =
 def depth_band(n_layers: int, lo: float = 0.25, hi: float = 0.65) -> range:
     """The paper's screening band: layers ``int(L * lo)`` to ``int(L * hi)`` inclusive."""
     return range(int(n_layers * lo), int(n_layers * hi) + 1)
+
+
+def target_share(prompt: pd.DataFrame, answer: pd.DataFrame) -> pd.DataFrame:
+    """How much of each head's interchange effect under the ``answer`` diagnostic comes from swapping the
+    target-token positions: both are :func:`summarise` tables of the same heads and pairs, ``prompt``
+    swapping the prompt positions only and ``answer`` those and the target positions (aligned the same
+    way from the end). Per head: ``combined_prompt, combined_answer`` and ``target_share = (answer -
+    prompt) / answer`` (NaN when ``answer`` is 0)."""
+    k = ["layer", "head"]
+    m = prompt[k + ["combined"]].merge(answer[k + ["combined"]], on=k, suffixes=("_prompt", "_answer"))
+    m["target_share"] = (m.combined_answer - m.combined_prompt) / m.combined_answer.where(m.combined_answer != 0)
+    return m.sort_values("combined_answer", ascending=False).reset_index(drop=True)

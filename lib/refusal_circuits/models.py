@@ -134,14 +134,31 @@ def layer_groups(n_layers: int, n_groups: int = 3) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(n_groups)]
 
 
+#: extra chat-template arguments, for every family (the paper's code passes the same)
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+
+#: the generation-prompt logic of Qwen3's template (ChatML, with its optional think block), given to
+#: ``tiny-qwen3`` so that the tests see a Qwen3 prompt end as the real one does
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
 def format_chat(tokenizer, instruction: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
             "This tokenizer has no chat template, so it is not a chat model. Load an instruction-tuned "
             "model (e.g. google/gemma-2b-it rather than google/gemma-2b)."
         )
+    # ``enable_thinking=False`` as the paper's code passes it to every family: Qwen3's template then
+    # closes an empty think block, so the reply starts at once; templates that do not read it ignore it
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False,
+        **CHAT_TEMPLATE_KWARGS,
     )
 
 
@@ -315,6 +332,11 @@ def load_tiny_hf(arch: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     tok = smollm2_tokenizer()
+    if arch == "qwen3":
+        import copy
+
+        tok = copy.deepcopy(tok)
+        tok.chat_template = QWEN3_STYLE_TEMPLATE
     torch.manual_seed(seed)
     with _quiet():
         hf = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tok)))

@@ -111,8 +111,11 @@ def distribution_figure(df, value: str, group: str, title: str, value_label: str
 
 
 def heatmap(df, x: str, y: str, value: str, title: str, x_label: str, y_label: str, zmid: float | None = 0.0,
-            x_ticktext: list[str] | None = None, colorscale: str = "RdBu_r", colorbar: str = "") -> go.Figure:
-    """``value`` over a ``y`` x ``x`` grid (a tidy table is pivoted; missing cells stay blank)."""
+            x_ticktext: list[str] | None = None, colorscale: str = "RdBu_r", colorbar: str = "",
+            marked: str | None = None, marked_name: str = "") -> go.Figure:
+    """``value`` over a ``y`` x ``x`` grid (a tidy table is pivoted; missing cells stay blank). ``marked``:
+    a boolean column; its true cells get a black square marker, named ``marked_name`` in the legend (e.g.
+    which values are exact rather than estimated)."""
     grid = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
     fig = go.Figure(go.Heatmap(
         z=grid.values, x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index], zmid=zmid,
@@ -120,6 +123,12 @@ def heatmap(df, x: str, y: str, value: str, title: str, x_label: str, y_label: s
         hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>{colorbar or value} = %{{z:.3f}}<extra></extra>"))
     if x_ticktext is not None:
         fig.update_xaxes(tickmode="array", tickvals=[str(c) for c in grid.columns], ticktext=x_ticktext)
+    if marked is not None:
+        m = df[df[marked].astype(bool)]
+        fig.add_trace(go.Scatter(x=m[x].astype(str), y=m[y].astype(str), mode="markers", name=marked_name or marked,
+                                 marker=dict(symbol="square-open", size=12, color="black", line=dict(width=2)),
+                                 hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>{marked_name or marked}<extra></extra>"))
+        fig.update_layout(legend=dict(orientation="h", y=-0.15))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
     return fig
 

@@ -33,7 +33,7 @@ from .batching import progress as progress_bar
 from .paths import results_dir, slug
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -89,7 +89,7 @@ class ResultsStore:
         info = {"name": name, "model": self.model, "weights": self.fingerprint, "params": params,
                 "versions": package_versions(), "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
         text = json.dumps(info, indent=2, default=str)
-        _atomic_write(self.path(name, params, ".json"), lambda p: Path(p).write_text(text))
+        atomic_write(self.path(name, params, ".json"), lambda p: Path(p).write_text(text))
 
     def manifest(self, name: str, params: dict) -> dict | None:
         """The manifest saved with ``(name, params)``, or ``None``."""
@@ -105,7 +105,7 @@ class ResultsStore:
         """Write ``df`` atomically with its manifest and return it as read back from disk, so a fresh
         computation and a reload give the same table (dtypes included)."""
         p = self.path(name, params)
-        _atomic_write(p, lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_write(p, lambda tmp: df.to_parquet(tmp, index=False))
         self._manifest(name, params, rows=len(df), **meta)
         return pd.read_parquet(p)
 
@@ -141,7 +141,7 @@ class ResultsStore:
         if part_dir.exists() and (not self.enabled or not plan.exists() or plan.read_text() != expected):
             shutil.rmtree(part_dir)  # parts of another plan (or resuming is off): start afresh
         if not plan.exists():
-            _atomic_write(plan, lambda p: Path(p).write_text(expected))
+            atomic_write(plan, lambda p: Path(p).write_text(expected))
         n_done = 0
         for i, item in enumerate(progress_bar(items, len(items), desc or name, progress)):
             part = part_dir / f"{i:05d}.parquet"
@@ -149,7 +149,7 @@ class ResultsStore:
                 n_done += 1
                 continue
             df = fn(item)
-            _atomic_write(part, lambda p, df=df: df.to_parquet(p, index=False))
+            atomic_write(part, lambda p, df=df: df.to_parquet(p, index=False))
         parts = [pd.read_parquet(part_dir / f"{i:05d}.parquet") for i in range(len(items))]
         out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         out = self.save(name, params, out, parts=len(items), parts_resumed=n_done)
@@ -160,7 +160,7 @@ class ResultsStore:
     def save_tensor(self, name: str, params: dict, tensor: torch.Tensor, **meta) -> Path:
         p = self.path(name, params, ".pt")
         payload = {"tensor": tensor.detach().cpu(), "meta": meta}
-        _atomic_write(p, lambda tmp: torch.save(payload, tmp))
+        atomic_write(p, lambda tmp: torch.save(payload, tmp))
         self._manifest(name, params, **{k: v for k, v in meta.items() if not torch.is_tensor(v)})
         return p
 

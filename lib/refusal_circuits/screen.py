@@ -1,26 +1,31 @@
 """The ``screen`` stage: the gate of one model, written as a folder that panels and scripts read.
 
-    refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--align end|start] ...
+    refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--positions prompt|last|paper|answer] ...
 
 :func:`screen` computes, for every head, interchange necessity and sufficiency (NLL metric,
 :mod:`refusal_circuits.gate`) -- ``method="exact"``: the exact batched interchange of every head;
 ``method="attribution"``: the attribution estimate for every head, then the exact interchange of the
-``top_k`` heads it ranks highest and of its ``n_band`` best in the paper's 25-65% depth band (the gate
+``top_k`` heads it ranks highest, its ``bottom_k`` most negative heads and its ``n_band`` best in the paper's 25-65% depth band (the gate
 is chosen among the exactly confirmed heads; ``band_gate`` in the manifest is the best confirmed head
 in that band, where the paper looked) -- output DLA,
 and per-head directional ablation of the candidate heads (:mod:`refusal_circuits.routing`: the top 20 by
 |DLA| in the 25-65% depth band, as the paper screened, and the top heads by interchange), and writes
 
 * ``DIR/interchange.csv`` -- one row per head: ``layer, head, necessity, sufficiency, necessity_pct,
-  sufficiency_pct, gap, method``;
+  sufficiency_pct, gap, method, p_fwer`` (the family-wise permutation p over the exact heads);
 * ``DIR/head_dla.csv`` -- ``layer, head, dla, ci_lo, ci_hi``;
 * ``DIR/ablation.csv`` -- ``layer, head, reduction, reduction_pct, rank`` for the candidate heads;
 * ``DIR/interchange_pairs.csv`` -- every (head, pair, direction) effect, with its ``method``;
 * ``DIR/attribution.csv`` (``method="attribution"``) -- every head's estimated ``necessity_pct,
   sufficiency_pct, combined`` and its rank by the estimate, the confirmed heads included;
 * ``DIR/pairs.csv`` -- the pairs used, their target tokens and NLL gaps;
-* ``DIR/manifest.json`` -- model, weights fingerprint, pairs-file hash, ``n_pairs``, ``align``,
-  ``method``, seed, package versions, timings, and the gate.
+* ``DIR/manifest.json`` -- model, weights fingerprint, pairs-file hash, ``n_pairs``, ``positions``,
+  ``method``, seed, package versions, timings, the gate and its ``statistics``
+  (:func:`refusal_circuits.gate.gate_statistics`: family-wise p, top-set Jaccard stability, the margin over
+  the runner-up).
+
+``positions`` (:data:`refusal_circuits.engine.POSITIONS`) says which positions the interchange swaps:
+``prompt`` (default), ``last``, ``paper`` (alias ``start``) or the ``answer`` diagnostic (alias ``end``).
 
 Long sweeps save their parts under ``DIR/checkpoints/`` as they finish, so a killed screen restarted
 with the same arguments resumes where it stopped. A panel of models is one screen per model (one
@@ -36,10 +41,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import engine as E
 from . import gate as G
 from .models import ChatModel
 from .paths import slug
-from .results import ResultsStore, _atomic_write, package_versions
+from .results import ResultsStore, atomic_write, package_versions
 
 METHODS = ("exact", "attribution")
 
@@ -49,23 +55,22 @@ def _file_hash(path: Path) -> str:
 
 
 def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pairs: int | None = None,
-           align: G.Align = "end", method: str = "exact", top_k: int = 10, seed: int = 0, max_batch: int = 64,
-           ablation: bool = True, n_dla_candidates: int = 20, n_band: int = 3, progress: bool = True,
-           log=print) -> dict:
+           positions: str = "prompt", method: str = "exact", top_k: int = 10, bottom_k: int = 5, seed: int = 0,
+           max_batch: int = 64, ablation: bool = True, n_dla_candidates: int = 20, n_band: int = 3,
+           n_perm: int = 10_000, n_boot: int = 2_000, stable_k: int = 5, progress: bool = True, log=print) -> dict:
     """Screen every head of ``model`` on the pairs of ``pairs_file`` and write ``out_dir`` (see the
     module docstring). Returns the manifest. A model whose sensitive prompts are not less likely to be
     answered than the controls (mean gap <= 0) is reported, and the tables are still written."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    if align not in ("end", "start"):
-        raise ValueError(f"align must be 'end' or 'start', got {align!r}.")
-    if int(top_k) < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    positions = E.resolve_positions(positions)
+    if int(top_k) < 1 or int(bottom_k) < 0:
+        raise ValueError(f"top_k must be >= 1 and bottom_k >= 0, got {top_k} and {bottom_k}.")
     out = Path(out_dir)
     t0 = time.time()
     df = G.load_pairs(pairs_file)
     gp = G.prepare_pairs(model, df, n_pairs=n_pairs, seed=seed)
-    key = {"pairs": _file_hash(Path(pairs_file)), "n_pairs": len(gp), "align": align, "seed": seed,
+    key = {"pairs": _file_hash(Path(pairs_file)), "n_pairs": len(gp), "positions": positions, "seed": seed,
            "pair_ids": list(map(str, gp.pairs.pair_id))}
     store = ResultsStore(slug(model.name), root=out / "checkpoints", fingerprint=model.meta.get("fingerprint", ""))
     gap = store.cached("gaps", key, lambda: G.gaps(model, gp))
@@ -74,7 +79,7 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         log(f"warning: mean NLL gap is {mean_gap:.3f} <= 0: {model.name} does not refuse these sensitive prompts "
             "more than the controls, so necessity and sufficiency percentages are not meaningful (tables written anyway).")
     t1 = time.time()
-    kw = dict(align=align, progress=progress)
+    kw = dict(positions=positions, progress=progress)
     if method == "exact":
         nec = G.interchange(model, gp, "necessity", checkpoint=store.checkpoint("necessity", key), max_batch=max_batch, **kw)
         suf = G.interchange(model, gp, "sufficiency", checkpoint=store.checkpoint("sufficiency", key), max_batch=max_batch, **kw)
@@ -89,6 +94,9 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         band = G.depth_band(model.n_layers)
         in_band = est[est.layer.isin(band)].head(n_band)
         top = [(int(l), int(h)) for l, h in zip(est.layer[:top_k], est["head"][:top_k])]
+        if bottom_k:                                           # the most negative heads matter too
+            low = est.tail(int(bottom_k))
+            top += [(int(l), int(h)) for l, h in zip(low.layer, low["head"]) if (int(l), int(h)) not in top]
         top += [(int(l), int(h)) for l, h in zip(in_band.layer, in_band["head"]) if (int(l), int(h)) not in top]
         ck = {**key, "heads": top}
         nec_x = G.interchange(model, gp, "necessity", heads=top, checkpoint=store.checkpoint("necessity_top", ck),
@@ -105,21 +113,25 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
     t3 = time.time()
     confirmed = summary[summary.method == "exact"]
     gate = G.gate_of(confirmed)
+    ex_n, ex_s = nec[nec.method == "exact"], suf[suf.method == "exact"]
+    per_head_p, statistics = G.gate_statistics(ex_n, ex_s, gap, n_perm, n_boot, stable_k, seed)
+    p_of = per_head_p.set_index(["layer", "head"]).p_fwer
+    summary["p_fwer"] = [p_of.get((l, h), float("nan")) for l, h in zip(summary.layer, summary["head"])]
     band_rows = confirmed[confirmed.layer.isin(G.depth_band(model.n_layers))]
     band_gate = G.gate_of(band_rows) if len(band_rows) else None
     dla_rank = dla.assign(a=dla.dla.abs()).sort_values("a", ascending=False).reset_index(drop=True)
     rank = int(dla_rank.index[(dla_rank.layer == gate.layer) & (dla_rank["head"] == gate["head"])][0]) + 1
     table = summary.sort_values(["layer", "head"])[["layer", "head", "necessity", "sufficiency", "necessity_pct",
-                                                    "sufficiency_pct", "gap", "method"]]
+                                                    "sufficiency_pct", "gap", "method", "p_fwer"]]
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "interchange.csv", lambda p: table.to_csv(p, index=False))
-    _atomic_write(out / "head_dla.csv", lambda p: dla[["layer", "head", "dla", "ci_lo", "ci_hi"]].to_csv(p, index=False))
+    atomic_write(out / "interchange.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(out / "head_dla.csv", lambda p: dla[["layer", "head", "dla", "ci_lo", "ci_hi"]].to_csv(p, index=False))
     pairs_out = gp.pairs.merge(gap, on="pair_id")
-    _atomic_write(out / "pairs.csv", lambda p: pairs_out.to_csv(p, index=False))
+    atomic_write(out / "pairs.csv", lambda p: pairs_out.to_csv(p, index=False))
     per_pair = pd.concat([nec, suf], ignore_index=True)
-    _atomic_write(out / "interchange_pairs.csv", lambda p: per_pair.to_csv(p, index=False))
+    atomic_write(out / "interchange_pairs.csv", lambda p: per_pair.to_csv(p, index=False))
     if method == "attribution":
-        _atomic_write(out / "attribution.csv", lambda p: estimates.sort_values(["layer", "head"]).to_csv(p, index=False))
+        atomic_write(out / "attribution.csv", lambda p: estimates.sort_values(["layer", "head"]).to_csv(p, index=False))
     abl_info, det = None, None
     if ablation:
         from . import routing as R
@@ -138,7 +150,7 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         abl = R.directional_ablation(model, gp, det.direction, heads=cands, max_batch=max_batch, progress=progress,
                                      checkpoint=store.checkpoint("ablation", {**key, "heads": cands}))
         abl_sum = R.summarise_ablation(abl, mean_gap)
-        _atomic_write(out / "ablation.csv", lambda p: abl_sum.to_csv(p, index=False))
+        atomic_write(out / "ablation.csv", lambda p: abl_sum.to_csv(p, index=False))
         best = abl_sum.iloc[0]
         g_abl = abl_sum[(abl_sum.layer == gate.layer) & (abl_sum["head"] == gate["head"])].iloc[0]
         abl_info = {"detection_layer": det.layer, "alpha": 5.0, "n_heads": len(cands),
@@ -149,8 +161,9 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
         "model": model.name, "weights": model.meta.get("fingerprint", ""), "source": model.meta.get("source", ""),
         "n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.d_model,
         "n_params": int(sum(p.numel() for p in model.hf_model.parameters())),
-        "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": len(gp), "align": align,
+        "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": len(gp), "positions": positions,
         "method": method, "top_k": int(top_k) if method == "attribution" else None,
+        "bottom_k": int(bottom_k) if method == "attribution" else None,
         "n_exact_heads": int((summary.method == "exact").sum()), "seed": seed, "versions": package_versions(),
         "timings_s": {"pairs_and_gaps": round(t1 - t0, 1), "attribution": round(t_atp, 1),
                       "interchange": round(t2 - t1 - t_atp, 1), "dla": round(t3 - t2, 1),
@@ -162,11 +175,12 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
             "layer": int(band_gate.layer), "head": int(band_gate["head"]),
             "necessity_pct": float(band_gate.necessity_pct), "sufficiency_pct": float(band_gate.sufficiency_pct),
             "band": [G.depth_band(model.n_layers).start, G.depth_band(model.n_layers).stop - 1]},
+        "statistics": statistics,
         "ablation": abl_info,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     text = json.dumps(manifest, indent=2)
-    _atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
+    atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
     return manifest
 
 
@@ -199,7 +213,8 @@ def read_screens(root: str | Path) -> pd.DataFrame:
             continue
         g = info["gate"]
         rows.append({"model": info["model"], "folder": str(m.parent), "layers": info["n_layers"],
-                     "heads": info["n_heads"], "params_b": info["n_params"] / 1e9, "align": info["align"],
+                     "heads": info["n_heads"], "params_b": info["n_params"] / 1e9,
+                     "positions": info.get("positions", E.ALIASES.get(info.get("align"), info.get("align"))),
                      "n_pairs": info["n_pairs"], "gate": f"L{g['layer']}H{g['head']}", "gate_layer": g["layer"],
                      "gate_depth": g["layer"] / max(info["n_layers"] - 1, 1), "necessity_pct": g["necessity_pct"],
                      "sufficiency_pct": g["sufficiency_pct"], "dla_rank": g["dla_rank"],
@@ -210,7 +225,7 @@ def read_screens(root: str | Path) -> pd.DataFrame:
 
 
 def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Path, n_pairs: int | None = None,
-                  align: G.Align | None = None, top_k: int = 5, max_new_tokens: int = 64, n_random: int = 10,
+                  positions: str | None = None, also_positions: tuple[str, ...] = ("paper",), top_k: int = 5, max_new_tokens: int = 64, n_random: int = 10,
                   seed: int = 0, progress: bool = True, log=print) -> dict:
     """The cipher stage of one model, written next to its screen: ``screen_dir/cipher/``.
 
@@ -219,8 +234,14 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
     sensitive prompt encoded (:mod:`refusal_circuits.cipher`) it measures each head's necessity and
     sufficiency plain and cipher and the collapse, and the rescue: greedy generations on the cipher
     prompts with the gate's plain last-position ``z`` written in, against ``n_random`` random heads'.
-    Writes ``interchange.csv`` (per head and prompt kind), ``interchange_pairs.csv``, ``collapse.csv``,
-    ``rescue.csv`` and ``manifest.json``; parts are checkpointed, so a rerun resumes."""
+    Three arms, each a set of pairs with the same target tokens: ``plain``, ``cipher`` (the sensitive
+    prompt encoded, the paper's) and ``cipher_control`` (both prompts encoded behind the same preamble:
+    does the model refuse the request, or the format?). The heads' interchange runs on every arm under
+    ``positions`` and, for the gate, under each of ``also_positions``; collapse against the plain arm is
+    given as % and in raw NLL. Greedy completions of the plain and the encoded controls (``behaviour``)
+    sit beside the rescue's plain and cipher sensitive prompts.
+    Writes ``interchange.csv`` (per positions, arm and head), ``interchange_pairs.csv``, ``collapse.csv``,
+    ``rescue.csv``, ``behaviour.csv`` and ``manifest.json``; parts are checkpointed, so a rerun resumes."""
     from . import cipher as C
 
     screen_dir = Path(screen_dir)
@@ -229,7 +250,7 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
         raise FileNotFoundError(f"No screen in {screen_dir}: run `refusal-circuits screen --model ... --out {screen_dir}` "
                                 "first (the cipher stage tests that screen's gate).")
     info = json.loads(mpath.read_text())
-    align = align or info["align"]
+    positions = E.resolve_positions(positions or info.get("positions") or info.get("align") or "prompt")
     n_pairs = n_pairs if n_pairs is not None else info["n_pairs"]
     gate = (int(info["gate"]["layer"]), int(info["gate"]["head"]))
     table = pd.read_csv(screen_dir / "interchange.csv")
@@ -244,33 +265,39 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
     t0 = time.time()
     cipher = C.load_cipher()
     plain, cip = C.cipher_pairs(model, G.load_pairs(pairs_file), cipher, n_pairs=n_pairs, seed=seed)
-    key = {"pairs": _file_hash(Path(pairs_file)), "pair_ids": list(map(str, plain.pairs.pair_id)), "align": align,
+    key = {"pairs": _file_hash(Path(pairs_file)), "pair_ids": list(map(str, plain.pairs.pair_id)), "positions": positions,
            "heads": heads, "cipher": cipher.key}
     store = ResultsStore(slug(model.name), root=out / "checkpoints", fingerprint=model.meta.get("fingerprint", ""))
+    both = C.cipher_control_pairs(model, plain, cipher)
+    arms = {"plain": plain, "cipher": cip, "cipher_control": both}
+    modes = [positions] + [E.resolve_positions(p) for p in also_positions if E.resolve_positions(p) != positions]
     frames = []
-    for kind, gp in (("plain", plain), ("cipher", cip)):
-        for d in ("necessity", "sufficiency"):
-            df = G.interchange(model, gp, d, align, heads=heads, progress=progress,
-                               checkpoint=store.checkpoint(f"{kind}_{d}", key))
-            frames.append(df.assign(prompt=kind))
+    for mode in modes:
+        hs = heads if mode == positions else [gate]        # the other position modes: the gate only
+        for kind, gp in arms.items():
+            for d in ("necessity", "sufficiency"):
+                df = G.interchange(model, gp, d, mode, heads=hs, progress=progress,
+                                   checkpoint=store.checkpoint(f"{kind}_{d}_{mode}", key))
+                frames.append(df.assign(prompt=kind, positions=mode))
     per_pair = pd.concat(frames, ignore_index=True)
-    gaps = {k: store.cached(f"{k}_gaps", key, lambda gp=gp: G.gaps(model, gp)) for k, gp in (("plain", plain), ("cipher", cip))}
+    gaps = {k: store.cached(f"{k}_gaps", key, lambda gp=gp: G.gaps(model, gp)) for k, gp in arms.items()}
     rows, coll = [], []
-    for kind in ("plain", "cipher"):
-        sub = per_pair[per_pair.prompt == kind]
+    for (mode, kind), sub in per_pair.groupby(["positions", "prompt"], sort=False):
         s = G.summarise(sub[sub.direction == "necessity"], sub[sub.direction == "sufficiency"], gaps[kind])
-        rows.append(s.assign(prompt=kind))
-    summary = pd.concat(rows, ignore_index=True)[["prompt", "layer", "head", "necessity", "sufficiency", "gap",
-                                                  "necessity_pct", "sufficiency_pct"]]
-    nec = per_pair[per_pair.direction == "necessity"]
-    for l, h in heads:
-        p = nec[(nec.prompt == "plain") & (nec.layer == l) & (nec["head"] == h)].effect.values
-        c = nec[(nec.prompt == "cipher") & (nec.layer == l) & (nec["head"] == h)].effect.values
-        r = C.collapse(p, c, seed=seed)
-        coll.append({"layer": l, "head": h, "is_gate": (l, h) == gate, "collapse_abs": r["absolute"],
-                     "collapse_abs_lo": r["absolute_ci"][0], "collapse_abs_hi": r["absolute_ci"][1],
-                     "collapse_signed": r["signed"], "collapse_signed_lo": r["signed_ci"][0],
-                     "collapse_signed_hi": r["signed_ci"][1]})
+        rows.append(s.assign(prompt=kind, positions=mode))
+    summary = pd.concat(rows, ignore_index=True)[["positions", "prompt", "layer", "head", "necessity", "sufficiency",
+                                                  "gap", "necessity_pct", "sufficiency_pct"]]
+    for (mode, l, h, d), sub in per_pair.groupby(["positions", "layer", "head", "direction"], sort=False):
+        p = sub[sub.prompt == "plain"].effect.values
+        for arm in ("cipher", "cipher_control"):
+            r = C.collapse(p, sub[sub.prompt == arm].effect.values, seed=seed)
+            coll.append({"positions": mode, "direction": d, "arm": arm, "layer": int(l), "head": int(h),
+                         "is_gate": (l, h) == gate, "plain_nll": r["plain_nll"], "arm_nll": r["cipher_nll"],
+                         "change_nll": r["change_nll"], "change_nll_lo": r["change_nll_ci"][0],
+                         "change_nll_hi": r["change_nll_ci"][1], "collapse_abs": r["absolute"],
+                         "collapse_abs_lo": r["absolute_ci"][0], "collapse_abs_hi": r["absolute_ci"][1],
+                         "collapse_signed": r["signed"], "collapse_signed_lo": r["signed_ci"][0],
+                         "collapse_signed_hi": r["signed_ci"][1]})
     coll = pd.DataFrame(coll)
     t1 = time.time()
     import numpy as np
@@ -286,21 +313,33 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
                               "rescued (gate)" if c == f"L{gate[0]}H{gate[1]}" else
                               "rescued (band gate)" if band_gate and c == f"L{band_gate[0]}H{band_gate[1]}" else
                               "random head" for c in resc.condition]
+    ctrl = C.behaviour(model, {"plain control": list(plain.pairs.control), "cipher control": list(both.pairs.control)},
+                       max_new_tokens, progress=progress,
+                       checkpoint=store.checkpoint("behaviour", {**key, "tokens": max_new_tokens}))
+    sens = resc[resc.condition.isin(["plain", "cipher"])].assign(
+        kind=lambda t: t.condition.map({"plain": "plain sensitive", "cipher": "cipher sensitive"}))
+    beh = pd.concat([sens[ctrl.columns], ctrl], ignore_index=True)
     t2 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     for name, df in (("interchange.csv", summary), ("interchange_pairs.csv", per_pair), ("collapse.csv", coll),
-                     ("rescue.csv", resc)):
-        _atomic_write(out / name, lambda p, df=df: df.to_csv(p, index=False))
+                     ("rescue.csv", resc), ("behaviour.csv", beh)):
+        atomic_write(out / name, lambda p, df=df: df.to_csv(p, index=False))
     n = len(plain)
     counts = resc.groupby("condition_kind").refused.sum()
     rand_rates = resc[resc.condition_kind == "random head"].groupby("condition").refused.mean()
-    g = coll[coll.is_gate].iloc[0]
+    gsel = coll[coll.is_gate & (coll.positions == positions) & (coll.direction == "necessity")].set_index("arm")
+    g, gc = gsel.loc["cipher"], gsel.loc["cipher_control"]
     manifest = {
         "model": model.name, "weights": model.meta.get("fingerprint", ""), "screen": str(screen_dir),
-        "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": n, "align": align,
+        "pairs_file": str(pairs_file), "pairs_hash": key["pairs"], "n_pairs": n, "positions": positions,
         "seed": seed, "cipher_seed": cipher.seed, "heads": [f"L{l}H{h}" for l, h in heads],
+        "also_positions": [m for m in modes if m != positions],
         "gate": {"layer": gate[0], "head": gate[1], "collapse_abs": float(g.collapse_abs),
-                 "collapse_signed": float(g.collapse_signed)},
+                 "collapse_signed": float(g.collapse_signed), "necessity_plain_nll": float(g.plain_nll),
+                 "necessity_cipher_nll": float(g.arm_nll), "control_arm_collapse_abs": float(gc.collapse_abs),
+                 "necessity_cipher_control_nll": float(gc.arm_nll)},
+        "behaviour": {k: {"refused": int(v.refused.sum()), "refused_paper": int((v.response_paper == "refusal").sum()),
+                          "n": len(v)} for k, v in beh.groupby("kind")},
         "mean_gap": {k: float(v.gap.mean()) for k, v in gaps.items()},
         "rescue": {"n": n, "max_new_tokens": max_new_tokens, "plain_refused": int(counts.get("plain", 0)),
                    "cipher_refused": int(counts.get("cipher", 0)), "rescued_refused": int(counts.get("rescued (gate)", 0)),
@@ -313,7 +352,7 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     text = json.dumps(manifest, indent=2)
-    _atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
+    atomic_write(out / "manifest.json", lambda p: Path(p).write_text(text))
     return manifest
 
 

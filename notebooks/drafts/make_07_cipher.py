@@ -33,9 +33,10 @@ MODEL = "smollm2-135m-refusal"
 DEVICE = "cpu"
 DTYPE = "float32"
 PAIRS = "../data/safety_pairs.csv"
-N_PAIRS = 16            # the screen's pairs (notebook 06's default)
-ALIGN = "end"
-METHOD = "attribution"  # how notebook 06's screen ranks the heads (its default)
+SCREEN_PAIRS = 48       # notebook 06's screen (its defaults: prompt positions, attribution + exact top and bottom)
+METHOD = "attribution"
+N_PAIRS = 16            # pairs for the cipher experiments (a seeded subset of the pair file)
+POSITIONS = "prompt"    # positions swapped by the cipher interchange (the screen's default)
 TOP_K = 5               # heads whose collapse is measured: the gate and the screen's next best
 MAX_NEW_TOKENS = 24     # greedy tokens per rescue generation (the paper: 150; a refusal shows in the first few)
 N_RANDOM = 10           # random heads for the rescue control
@@ -66,9 +67,8 @@ runs, so the panel can show the collapse across models.
 '''),
 ("code", '''
 screen_dir = rc.paths.results_dir() / "screen" / model.slug
-screen = rc.screen.screen(model, PAIRS, screen_dir, n_pairs=N_PAIRS, align=ALIGN, method=METHOD, seed=SEED,
-                          progress=False)
-manifest = rc.screen.cipher_screen(model, PAIRS, screen_dir, n_pairs=N_PAIRS, align=ALIGN, top_k=TOP_K,
+screen = rc.screen.screen(model, PAIRS, screen_dir, n_pairs=SCREEN_PAIRS, method=METHOD, seed=SEED, progress=False)
+manifest = rc.screen.cipher_screen(model, PAIRS, screen_dir, n_pairs=N_PAIRS, positions=POSITIONS, top_k=TOP_K,
                                    max_new_tokens=MAX_NEW_TOKENS, n_random=N_RANDOM, seed=SEED, progress=False)
 cdir = screen_dir / "cipher"
 rescue = pd.read_csv(cdir / "rescue.csv", keep_default_na=False)
@@ -110,7 +110,7 @@ pd.DataFrame({"plain prompt": plain.pairs.sensitive[:3],
 ("md", '''
 ## Cipher interchange: does the gate still carry the decision?
 
-Necessity and sufficiency (NLL metric, the control's answer tokens, positions aligned from the end) of the
+Necessity and sufficiency (NLL metric, the control's answer tokens, the screen's `prompt` positions) of the
 gate and the screen's top heads, on the plain pairs and on the same pairs with the sensitive prompt
 encoded. **Collapse** = 1 − mean|nec_cipher| / mean|nec_plain| (the *absolute* version: how much of the
 head's effect size is gone, the one the paper reports as 99.2% / 98.8% / 70.4%), and the *signed*
@@ -183,7 +183,7 @@ if found:
     band = found[0]
     for kind, gp in (("plain", plain), ("cipher", cip)):
         eff = store.cached(f"band_interchange_{kind}", {"pairs": list(map(str, gp.pairs.pair_id)), "band": band},
-                           lambda gp=gp: C.band_interchange(model, gp, band, "necessity", ALIGN))
+                           lambda gp=gp: C.band_interchange(model, gp, band, "necessity", POSITIONS))
         gap = manifest["mean_gap"][kind]
         print(f"band L{band[0][0]} ({len(band)} heads together), {kind}: necessity {100 * eff.effect.mean() / gap:.2f}% of the gap")
 '''),
