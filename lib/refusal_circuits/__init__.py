@@ -5,10 +5,12 @@ Layers, lowest first (each imports only those below it; ``docs/methods.md`` desc
 
 * ``paths``, ``hooks``, ``metrics`` -- where files live, hook names, the refusal metrics as pure functions;
 * ``models`` -- loading chat models as TransformerLens 4 bridges (the organism's adapter included);
-* ``data``, ``batching``, ``results``, ``reference``, ``plotting`` -- datasets and pair alignment,
-  batches / progress / the activation loop, the resumable results store, the reference numbers, figures;
+* ``data``, ``batching``, ``results``, ``reference``, ``plotting``, ``stats`` -- datasets and pair alignment,
+  batches / progress / the activation loop, the resumable results store, the reference numbers, figures,
+  bootstrap intervals and permutation tests;
 * ``scoring``, ``generation`` -- logit metrics and greedy generations of a model's prompts;
-* ``direction``, ``patching``, ``heads``, ``dla``, ``gate``, ``routing`` -- the analyses (``routing``: the
+* ``direction``, ``patching``, ``engine``, ``heads``, ``dla``, ``gate``, ``routing`` -- the analyses (``engine``:
+  the per-head edit loop and the position modes of every per-head experiment; ``routing``: the
   gate's downstream: ablation, knockout cascade, dose-response), ``cipher`` (the in-context cipher);
   ``stages`` -- the artifacts
   later notebooks build on; ``screen`` -- one model's gate screen written as a folder (the panel's unit).
@@ -16,8 +18,8 @@ Layers, lowest first (each imports only those below it; ``docs/methods.md`` desc
 Above the core, never imported by it: ``organism`` (training the refusal organism), ``cli``, ``runner``.
 """
 
-from . import (batching, cipher, data, direction, dla, gate, generation, heads, hooks, metrics, models,  # noqa: F401
-               patching, paths, plotting, reference, results, routing, scoring, screen, stages)
+from . import (batching, cipher, data, direction, dla, engine, gate, generation, heads, hooks, metrics,  # noqa: F401
+               models, patching, paths, plotting, reference, results, routing, scoring, screen, stages, stats)
 from .data import (AlignedPairs, PairAlignmentError, align_pairs, load_instructions, load_safety_pairs,
                    load_toy_pairs)
 from .generation import generate, refusal_rate, refusal_scores

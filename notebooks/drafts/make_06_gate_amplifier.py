@@ -168,6 +168,9 @@ for pos, (m, t) in modes.items():
     st = m["statistics"]
     print(f"positions={pos:6s} gate {tops[pos][0]} (necessity {t.necessity_pct.iloc[0]:.1f}%, sufficiency "
           f"{t.sufficiency_pct.iloc[0]:.1f}%, p_fwer {st['gate_p_fwer']:.4f}); top {TOP_K}: " + ", ".join(tops[pos]))
+same = int((pairs.n_sensitive == pairs.n_control).sum())
+print(f"(prompt and paper swap exactly the same positions on the {same} of {len(pairs)} pairs whose prompts have equal "
+      f"token lengths; they differ only on the other {len(pairs) - same})")
 for pos in COMPARE:
     print(f"  {pos}: shares {len(set(tops[pos]) & set(tops[POSITIONS]))} of the top {TOP_K} with {POSITIONS}; "
           f"new: {', '.join(sorted(set(tops[pos]) - set(tops[POSITIONS]))) or 'none'}")
@@ -179,7 +182,8 @@ print(f"positions=answer (diagnostic) gate among {len(ans)} heads: {ans.label.il
 # NBVAL_CHECK_OUTPUT
 have = set(zip(conf.layer, conf["head"]))
 missing = [h for h in diag_heads if h not in have]     # the diagnostic's own top heads, not yet exact under POSITIONS
-exact_rows = per_pair[(per_pair.method == "exact") & [(l, h) in set(diag_heads) for l, h in zip(per_pair.layer, per_pair["head"])]]
+in_diag = np.array([(l, h) in set(diag_heads) for l, h in zip(per_pair.layer, per_pair["head"])])
+exact_rows = per_pair[(per_pair.method == "exact").values & in_diag]
 more = {d: G.interchange(model, gp, d, POSITIONS, heads=missing, max_batch=MAX_BATCH, progress=False,
                          checkpoint=store.checkpoint(f"prompt_{d}", {**diag_key, "heads": missing}))
         if missing else exact_rows.iloc[:0] for d in ("necessity", "sufficiency")}
@@ -215,7 +219,9 @@ print(f"top-{st['k']} stability: mean Jaccard {st['jaccard_mean']:.2f} (95% {st[
       f"identical set in {st['identical_share']:.0%}, gate first in {st['first_share']:.0%} of {st['n_boot']} resamples")
 print(f"margin over the runner-up: {st['margin_pct']:.2f} points of the gap (95% {st['margin_lo']:.2f}…{st['margin_hi']:.2f}): "
       f"{'stands out' if st['stands_out'] else 'does not stand out'}")
-rc.reference.show("statistics", {"gate familywise p": st["gate_p_fwer"], "top-set Jaccard": st["jaccard_mean"]},
+rc.reference.show("statistics", {"family-wise permutation p (gate)": st["gate_p_fwer"],
+                                 "bootstrap Jaccard (interchange top set)": st["jaccard_mean"],
+                                 "n permutations": st["n_perm"], "bootstrap resamples": st["n_boot"]},
                   model.name, model="Qwen/Qwen3-8B")
 """),
 ("md", """
@@ -428,10 +434,10 @@ claims.append(("a single head stands out as the gate",
     f"gate {gate_label} minus runner-up {st['runner_up']}: {st['margin_pct']:.2f} points, 95% CI {st['margin_lo']:.2f}…{st['margin_hi']:.2f}",
     "the interval excludes 0", verdict(st["stands_out"])))
 claims.append(("the gate survives a family-wise test",
-    f"p_fwer {st['gate_p_fwer']:.4f} over {st['n_heads']} exact heads (Qwen3-8B: {rc.reference.value('statistics', 'gate familywise p'):g})",
+    f"p_fwer {st['gate_p_fwer']:.4f} over {st['n_heads']} exact heads (Qwen3-8B: {rc.reference.value('statistics', 'family-wise permutation p (gate)'):g})",
     "p_fwer ≤ 0.01", verdict(st["gate_p_fwer"] <= 0.01)))
 claims.append(("the top set is stable under resampling of the pairs",
-    f"top-{st['k']} Jaccard {st['jaccard_mean']:.2f} (Qwen3-8B: {rc.reference.value('statistics', 'top-set Jaccard'):g})",
+    f"top-{st['k']} Jaccard {st['jaccard_mean']:.2f} (Qwen3-8B: {rc.reference.value('statistics', 'bootstrap Jaccard (interchange top set)'):g})",
     "mean Jaccard ≥ 0.8", verdict(st["jaccard_mean"] >= 0.8)))
 claims.append(("its necessity is a few % of the gap",
     f"{gate['necessity_pct']:.1f}% (paper {min(ref_nec):.1f}–{max(ref_nec):.1f}%)",
@@ -443,12 +449,21 @@ claims.append(("the gate is invisible to output DLA",
     f"rank {g_row.dla_rank} of {len(ranks)} by |DLA| (Qwen3-8B's saved table: "
     f"{rc.reference.value('gate_dla_rank', 'gate rank by |output DLA| (saved table)'):.0f} of {rc.reference.value('gate_dla_rank', 'n_heads'):.0f})",
     "outside the top 10% of heads by |DLA|", verdict(g_row.dla_rank > 0.1 * len(ranks))))
+claims.append(("... and a DLA screen of the paper's kind would miss it",
+    (f"rank {list(in_band.label).index(gate_label) + 1} among the top 20 |DLA| heads of the 25–65% band"
+     if gate_label in set(in_band.label) else "not among the top 20 |DLA| heads of the 25–65% band"),
+    "not among the paper's 20 DLA candidates", verdict(gate_label not in set(in_band.label))))
+old = share.iloc[0]
+claims.append(("the answer diagnostic's top head is an artifact of patching the answer",
+    f"{old.label}: {old.combined_answer:.1f}% with target positions swapped, {old.combined_prompt:.1f}% without "
+    f"({old.target_share:.0%} from the target positions)", "more than half of its effect from the target positions",
+    verdict(old.target_share > 0.5)))
 claims.append(("the gate does not depend on which positions are swapped",
     ", ".join(f"{p}: {t[0]}" for p, t in tops.items()), "the same gate under prompt, last and paper",
     verdict(len({t[0] for t in tops.values()}) == 1)))
 for r, k in ko.items():
     claims.append((f"knocking out the gate suppresses its amplifiers ({r})",
-        f"{k['suppressed_signed']} of {k['n_amplifiers']} by sign (Qwen3-8B {rc.reference.value('knockout_cascade', 'amplifiers suppressed')})",
+        f"{k['suppressed_signed']} of {k['n_amplifiers']} by sign (Qwen3-8B {rc.reference.value('knockout_cascade', 'amplifiers suppressed', 'Qwen/Qwen3-8B')})",
         "more than half suppressed by sign", verdict(k["suppressed_signed"] > k["n_amplifiers"] / 2, k["testable"])))
     claims.append((f"... more than random nearby heads do ({r})",
         f"{k['gate_change_pct']:.1f}% vs {k['random_mean_pct']:.1f} ± {k['random_sd_pop_pct']:.1f}%, p = {k['p_random_ge_gate']:.3f}",
@@ -467,11 +482,14 @@ for c, ours_, crit, v in claims:
     print(f"- {c}: {ours_}. Criterion: {crit}. → {v}")
 """),
 ("md", """
-How to read these against each other. The `answer` diagnostic shows why our old default crowned a last-layer
-head: most of that head's effect came from swapping the target positions (the answer in progress), not from
-anything it carries out of the prompt. Under `prompt`, `last` and `paper` positions the screen measures
-routing; where the three disagree, the heads that move are listed above. Output DLA and interchange rank
-heads differently (the Spearman correlation above), which is the paper's central point whatever the gate.
+How to read these against each other. The `answer` diagnostic asks how much of a head's apparent effect
+comes from swapping the answer in progress rather than anything the head carries out of the prompt; the
+share printed above decides whether the old default's top head was routing or continuation. `prompt` and
+`paper` differ only on pairs of unequal length, so their agreement says little on a corpus of mostly
+equal-length pairs; `last` is the strict test of what reaches the decision position. Where a verdict above
+does not hold, the numbers beside it say by how much. Notebook 04's direct heads, notebook 02's direction
+and this notebook's detection direction meet here: the per-head ablation uses the detection direction, and
+the gate's rank there is printed with it.
 """),
 ]
 build(Path(__file__).parents[1] / "06_gate_amplifier.ipynb", cells)

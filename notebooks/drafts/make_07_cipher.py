@@ -17,13 +17,19 @@ runs those experiments on the gate of notebook 06's screen (`docs/methods.md`, "
 * **the cipher** (`data/cipher.json`): a fixed, seeded substitution of a–z (a bijection, no letter kept),
   the prompt lower-cased and encoded letter by letter, other characters kept, after a preamble that
   lists all 26 mappings and asks the model to decode and follow the message;
+* **three arms**: `plain` pairs; `cipher`, only the sensitive prompt encoded (the paper's); and the
+  **encoded control arm** `cipher_control`, both prompts encoded behind the same preamble — without it a
+  refusal of the cipher prompt cannot be told apart from a refusal of the *format*;
 * **behaviour**: refusal rate and a response class (refusal / puzzle-solving / other) for plain and
-  cipher prompts;
-* **cipher interchange**: the gate's (and the screen's top heads') necessity on cipher prompts vs plain;
-  collapse = 1 − mean|nec_cipher| / mean|nec_plain| (and the signed version);
+  cipher sensitive prompts and plain and encoded controls, by our substring score and by the paper's
+  classifier;
+* **cipher interchange**: the gate's (and the screen's top heads') necessity on each arm; collapse =
+  1 − mean|nec_arm| / mean|nec_plain| (and the signed version) beside the raw change in NLL, under the
+  screen's `prompt` positions and, for the gate, the paper's;
 * **rescue**: the gate's plain last-position `z` written into every forward of the cipher run's
   greedy generation, against random heads;
-* **cipher contrast and bands**, and the **detection probe profile** `resid · d` by layer.
+* **cipher contrast and bands** (ours and the paper's band rule), and the **detection probe profile**
+  `resid · d` by layer, read over every layer against the encoded controls.
 
 A 135M model cannot solve a substitution cipher in context, so what the organism does with the cipher
 prompt is itself the first finding.
@@ -85,51 +91,64 @@ plain, cip = C.cipher_pairs(model, rc.gate.load_pairs(PAIRS), cipher, n_pairs=N_
 print(f"{manifest['n_pairs']} pairs; the screen's gate {gate_label}" +
       (f", the best head of the paper's depth band {band_label}" if band_label else ""))
 print(f"prompt tokens: plain {plain.pairs.n_sensitive.mean():.0f}, cipher {cip.pairs.n_sensitive.mean():.0f} (mean)")
-print(f"NLL gap (sensitive − control): plain {manifest['mean_gap']['plain']:.2f}, cipher {manifest['mean_gap']['cipher']:.2f}")
+g = manifest["mean_gap"]
+print(f"NLL gap (sensitive − control): plain {g['plain']:.2f}; cipher sensitive − plain control {g['cipher']:.2f}; "
+      f"cipher sensitive − encoded control {g['cipher_control']:.2f}")
 '''),
 ("md", '''
 ## Behaviour: what the organism does with a cipher prompt
 
-Greedy completions of the plain and the cipher-encoded sensitive prompts, scored by the substring rule and
-sorted into classes (first 200 characters, lower-cased): **refusal** (the substring score), **puzzle** (it
-talks about decoding, the cipher, substitution, letters, translating, a puzzle, or starts "let's"), else
-**other**.
+Greedy completions of the plain and the cipher-encoded sensitive prompts, and of the plain and the
+*encoded* controls, scored by the substring rule and sorted into classes (first 200 characters,
+lower-cased): **refusal** (the substring score), **puzzle** (it talks about decoding, the cipher,
+substitution, letters, translating, a puzzle, or starts "let's"), else **other**; beside them the paper's
+classifier (refusal markers "sorry", "cannot", "unable", "not provide", "i must", …).
 '''),
 ("code", '''
 # NBVAL_CHECK_OUTPUT
-beh = rescue[rescue.condition.isin(["plain", "cipher"])]
-classes = beh.groupby(["condition", "response"]).size().unstack(fill_value=0).reindex(["plain", "cipher"])
-print(classes.to_string())
-print(f"refusal rate: plain {beh[beh.condition == 'plain'].refused.mean():.0%}, cipher {beh[beh.condition == 'cipher'].refused.mean():.0%}")
+beh = pd.read_csv(cdir / "behaviour.csv", keep_default_na=False)
+kinds = ["plain sensitive", "cipher sensitive", "plain control", "cipher control"]
+print(beh.groupby(["kind", "response"]).size().unstack(fill_value=0).reindex(kinds).to_string())
+rate = beh.groupby("kind").agg(substring=("refused", "mean"), paper=("response_paper", lambda r: (r == "refusal").mean()))
+print("refusal rate (substring score / the paper's classifier): " + "; ".join(
+    f"{k} {rate.substring[k]:.0%} / {rate.paper[k]:.0%}" for k in kinds))
 '''),
 ("code", '''
 pd.DataFrame({"plain prompt": plain.pairs.sensitive[:3],
-              "plain reply": beh[beh.condition == "plain"].completion[:3].values,
-              "cipher reply": beh[beh.condition == "cipher"].completion[:3].values})
+              "plain reply": beh[beh.kind == "plain sensitive"].completion[:3].values,
+              "cipher reply": beh[beh.kind == "cipher sensitive"].completion[:3].values,
+              "encoded control reply": beh[beh.kind == "cipher control"].completion[:3].values})
 '''),
 ("md", '''
 ## Cipher interchange: does the gate still carry the decision?
 
 Necessity and sufficiency (NLL metric, the control's answer tokens, the screen's `prompt` positions) of the
-gate and the screen's top heads, on the plain pairs and on the same pairs with the sensitive prompt
-encoded. **Collapse** = 1 − mean|nec_cipher| / mean|nec_plain| (the *absolute* version: how much of the
-head's effect size is gone, the one the paper reports as 99.2% / 98.8% / 70.4%), and the *signed*
-1 − mean(nec_cipher) / mean(nec_plain), with bootstrap 95% intervals over pairs.
+gate and the screen's top heads on each arm. **Collapse** = 1 − mean|nec_arm| / mean|nec_plain| (the
+*absolute* version: how much of the head's effect size is gone, the one the paper reports as 99.2% /
+98.8% / 70.4%), the *signed* 1 − mean(nec_arm) / mean(nec_plain), and the raw change in NLL units — a %
+can fall while the raw effect rises, so both are printed — with bootstrap 95% intervals over pairs. The
+gate is also measured under the paper's positions.
 '''),
 ("code", '''
-bars = summary.assign(label="L" + summary.layer.astype(str) + "H" + summary["head"].astype(str))
-fig = rc.plotting.bars(bars, "label", "necessity_pct", "prompt",
+bars = summary[summary.positions == POSITIONS].assign(label="L" + summary.layer.astype(str) + "H" + summary["head"].astype(str))
+fig = rc.plotting.bars(bars, "label", "necessity", "prompt",
         title=f"Interchange necessity, plain vs cipher-encoded sensitive prompts — {model.name}",
-        x_label="head (the gate first)", y_label="necessity (% of that prompt kind's NLL gap)", hline=0)
+        x_label="head (the gate first)", y_label="necessity (NLL units)", hline=0)
 show(fig, "07_cipher_necessity", model.slug)
 '''),
 ("code", '''
 # NBVAL_CHECK_OUTPUT
-for r in collapse.itertuples():
+nec = collapse[collapse.direction == "necessity"]
+for r in nec.itertuples():
     tag = " (gate)" if r.is_gate else (" (band gate)" if f"L{r.layer}H{r.head}" == band_label else "")
-    print(f"L{r.layer}H{r.head}{tag}: collapse {r.collapse_abs:.1%} [{r.collapse_abs_lo:.1%}, {r.collapse_abs_hi:.1%}], "
-          f"signed {r.collapse_signed:.1%} [{r.collapse_signed_lo:.1%}, {r.collapse_signed_hi:.1%}]")
-rc.reference.show("cipher_collapse", {"collapse %": 100 * gate["collapse_abs"]}, model.name)
+    print(f"{r.positions:6s} {r.arm:14s} L{r.layer}H{r.head}{tag}: necessity {r.plain_nll:+.3f} → {r.arm_nll:+.3f} NLL "
+          f"(change {r.change_nll:+.3f} [{r.change_nll_lo:+.3f}, {r.change_nll_hi:+.3f}]); collapse {r.collapse_abs:.1%} "
+          f"[{r.collapse_abs_lo:.1%}, {r.collapse_abs_hi:.1%}], signed {r.collapse_signed:.1%}")
+gs = collapse[collapse.is_gate & (collapse.direction == "sufficiency") & (collapse.positions == POSITIONS)].set_index("arm")
+print(f"the gate's sufficiency: {gs.plain_nll['cipher']:+.3f} → {gs.arm_nll['cipher']:+.3f} NLL (cipher), "
+      f"→ {gs.arm_nll['cipher_control']:+.3f} (encoded control arm); absolute collapse {gs.collapse_abs['cipher']:.1%}")
+rc.reference.show("cipher_collapse", {"collapse %": 100 * gate["collapse_abs"],
+                                      "sufficiency collapse %": 100 * gs.collapse_abs["cipher"]}, model.name)
 '''),
 ("md", '''
 ## Rescue: write the plain gate back in
@@ -152,6 +171,9 @@ n = r["n"]
 print(f"refused: plain {r['plain_refused']}/{n}, cipher {r['cipher_refused']}/{n}, rescued by {gate_label} "
       f"{r['rescued_refused']}/{n}" + (f", by {band_label} {r['band_gate_rescued_refused']}/{n}" if band_label else "")
       + f"; random heads {r['random_refused_mean']:.1f}/{n} on average ({len(r['random_heads'])} heads)")
+paper_counts = rescue.groupby("condition_kind").response_paper.apply(lambda x: int((x == "refusal").sum()))
+print("by the paper's classifier: " + ", ".join(f"{k} {v}" for k, v in paper_counts.items())
+      + f" (random heads: total over {len(r['random_heads'])} heads)")
 rc.reference.show("cipher_rescue", {"plain refused": f"{r['plain_refused']}/{n}", "cipher refused": f"{r['cipher_refused']}/{n}",
                                     "rescued refused": f"{r['rescued_refused']}/{n}"}, model.name)
 '''),
@@ -179,6 +201,9 @@ g_rank = int(contrast[contrast.label == gate_label]["rank"].iloc[0])
 print("most cipher-sensitive heads: " + ", ".join(f"{l} ({c:.2f})" for l, c in zip(contrast.label[:8], contrast.contrast[:8])))
 print(f"the gate {gate_label}: contrast rank {g_rank} of {len(contrast)}")
 print(f"bands among the top {N_CONTRAST}: " + ("; ".join("L%d: %s" % (b[0][0], ", ".join(f"H{h}" for _, h in b)) for b in found) or "none"))
+paper_found = C.paper_bands(contrast)
+print("the paper's band rule (contrast > 0.1, |plain DLA| ≥ 0.05, ≥ 2 heads, top 3): "
+      + ("; ".join("L%d: %s" % (b[0][0], ", ".join(f"H{h}" for _, h in b)) for b in paper_found) or "none"))
 if found:
     band = found[0]
     for kind, gp in (("plain", plain), ("cipher", cip)):
@@ -191,13 +216,18 @@ if found:
 ## Detection probe profile
 
 `resid_pre[l] · d` at the last prompt position for every layer, `d` = notebook 06's detection direction
-(the unit mean difference sensitive − control at layer `L // 2`), for plain sensitive, cipher and control
-prompts: does the model still *detect* the encoded request, even if it does not route it to a refusal?
+(the unit mean difference sensitive − control at layer `L // 2`), for plain sensitive, cipher sensitive,
+plain control and **encoded control** prompts: does the model still *detect* the encoded request, even if
+it does not route it to a refusal? The test is the separation of the cipher prompts from the *encoded*
+controls (same preamble), layer by layer with bootstrap intervals, beside the plain separation — not the
+cipher prompts against plain controls, which the preamble alone could separate.
 '''),
 ("code", '''
 det = rc.routing.detection_direction(model, plain)
+both = C.cipher_control_pairs(model, plain, cipher)
 profile = C.probe_profile(model, {"plain sensitive": list(plain.pairs.sensitive), "cipher sensitive": list(cip.pairs.sensitive),
-                                  "control": list(plain.pairs.control)}, det.direction)
+                                  "control": list(plain.pairs.control), "encoded control": list(both.pairs.control)},
+                          det.direction)
 fig = rc.plotting.lines_with_band(profile, "layer", "value", "kind",
         title=f"Detection probe: resid · d by layer (±1 sd over prompts), d from layer {det.layer} — {model.name}",
         x_label="layer", y_label="resid_pre · d (last prompt position)")
@@ -205,34 +235,64 @@ show(fig, "07_probe_profile", model.slug)
 '''),
 ("code", '''
 # NBVAL_CHECK_OUTPUT
-at = profile[profile.layer == det.layer].groupby("kind").value.agg(["mean", "std"])
-print(f"at layer {det.layer}: " + "; ".join(f"{k} {r['mean']:.1f} ± {r['std']:.1f}" for k, r in at.iterrows()))
-gap_cipher = (at.loc["cipher sensitive", "mean"] - at.loc["control", "mean"]) / (at.loc["plain sensitive", "mean"] - at.loc["control", "mean"])
-print(f"the cipher prompts sit {gap_cipher:.0%} of the way from the controls to the plain sensitive prompts along d")
+sep = C.probe_separation(profile, {"plain": ("plain sensitive", "control"), "cipher": ("cipher sensitive", "encoded control")},
+                         seed=SEED)
+w = sep.pivot(index="layer", columns="contrast", values=["diff", "lo", "hi"])
+late = w.index >= det.layer
+ratio = (w["diff"]["cipher"] / w["diff"]["plain"])[late]
+resolved = (w["lo"]["cipher"] > 0)[late]
+print(f"layers {det.layer}–{model.n_layers - 1}: cipher − encoded control separation / plain separation: median "
+      f"{ratio.median():.2f} (range {ratio.min():.2f}–{ratio.max():.2f}); cipher separation's 95% interval above 0 at "
+      f"{int(resolved.sum())} of {int(late.sum())} layers")
+for l in [det.layer, (det.layer + model.n_layers - 1) // 2, model.n_layers - 1]:
+    print(f"  L{l}: plain {w['diff']['plain'][l]:+.1f} [{w['lo']['plain'][l]:+.1f}, {w['hi']['plain'][l]:+.1f}], "
+          f"cipher {w['diff']['cipher'][l]:+.1f} [{w['lo']['cipher'][l]:+.1f}, {w['hi']['cipher'][l]:+.1f}]")
 '''),
 ("md", '''
-## What the organism reproduces
+## Conclusions
 
-Point by point, our numbers beside the paper's.
+Each claim of the paper, tested here: our number beside the paper's (from the reference table), the
+criterion, and the verdict; a claim whose precondition fails is "not testable here". The encoded control
+arm decides what the cipher results can mean: if the organism refuses the encoded *controls* as often as the
+encoded sensitive prompts, its cipher refusals are refusals of the format, not of the request.
 '''),
 ("code", '''
 # NBVAL_CHECK_OUTPUT
-def verdict(ok): return "reproduced" if ok else "not reproduced"
-ref_coll = [float(v) for v in rc.reference.lookup("cipher_collapse").value]
-n_puzzle = int((beh[beh.condition == "cipher"].response == "puzzle").sum())
-print(f"- the cipher prompt is not refused (plain {r['plain_refused']}/{n}, cipher {r['cipher_refused']}/{n}; "
-      f"Phi-4-mini {rc.reference.value('cipher_rescue', 'plain refused')} vs {rc.reference.value('cipher_rescue', 'cipher refused')}): "
-      f"{verdict(r['cipher_refused'] <= r['plain_refused'] / 2)}")
-print(f"- the model engages with the puzzle ({n_puzzle}/{n} cipher replies are puzzle-like): {verdict(n_puzzle > n / 2)}")
-print(f"- the gate's interchange effect collapses under the cipher (ours {gate['collapse_abs']:.1%}; paper "
-      f"{min(ref_coll):.1f}–{max(ref_coll):.1f}%): {verdict(gate['collapse_abs'] >= 0.5)}")
+def verdict(ok, testable=True):
+    return "not testable here" if not testable else "holds" if ok else "does not hold"
+ref_coll = [float(v) for v in rc.reference.lookup("cipher_collapse").query("quantity == 'collapse %'").value]
+bc = beh.groupby("kind").refused.sum()
+n_puzzle = int((beh[beh.kind == "cipher sensitive"].response == "puzzle").sum())
+format_refusal = bc["cipher control"] >= bc["cipher sensitive"] / 2
 bypassed = r["cipher_refused"] <= r["plain_refused"] / 2
-print(f"- writing the plain gate back rescues refusals (rescued {r['rescued_refused']}/{n} vs cipher {r['cipher_refused']}/{n} "
-      f"and random heads {r['random_refused_mean']:.1f}/{n}; Phi-4-mini {rc.reference.value('cipher_rescue', 'rescued refused')}): "
-      + (verdict(r['rescued_refused'] > r['cipher_refused'] and r['rescued_refused'] > r['random_refused_mean'] + 1)
-         if bypassed else "not testable here (the cipher does not remove the refusals, so there is nothing to rescue)"))
-print(f"- detection survives the encoding (cipher prompts {gap_cipher:.0%} of the way to the plain ones along d): "
-      f"{verdict(gap_cipher >= 0.5)}")
+claims = [
+    ("the cipher prompt is not refused", f"plain {r['plain_refused']}/{n}, cipher {r['cipher_refused']}/{n} "
+     f"(Phi-4-mini {rc.reference.value('cipher_rescue', 'plain refused')} vs {rc.reference.value('cipher_rescue', 'cipher refused')})",
+     "cipher refusals ≤ half the plain ones", verdict(bypassed)),
+    ("... and what is refused is the request, not the format",
+     f"encoded controls refused {bc['cipher control']}/{n} vs encoded sensitive {bc['cipher sensitive']}/{n}",
+     "encoded controls refused less than half as often", verdict(not format_refusal)),
+    ("the model engages with the puzzle", f"{n_puzzle}/{n} cipher replies puzzle-like", "more than half", verdict(n_puzzle > n / 2)),
+    ("the gate's interchange effect collapses under the cipher",
+     f"absolute collapse {gate['collapse_abs']:.1%}; raw necessity {gate['necessity_plain_nll']:+.3f} → {gate['necessity_cipher_nll']:+.3f} NLL "
+     f"(paper {min(ref_coll):.1f}–{max(ref_coll):.1f}%)", "collapse ≥ 50% and the raw effect falls",
+     verdict(gate["collapse_abs"] >= 0.5 and abs(gate["necessity_cipher_nll"]) < abs(gate["necessity_plain_nll"]))),
+    ("... beyond what the format alone does",
+     f"encoded control arm: collapse {gate['control_arm_collapse_abs']:.1%}, necessity {gate['necessity_cipher_control_nll']:+.3f} NLL",
+     "the cipher arm collapses more than the encoded control arm",
+     verdict(gate["collapse_abs"] > gate["control_arm_collapse_abs"])),
+    ("writing the plain gate back rescues refusals",
+     f"rescued {r['rescued_refused']}/{n} vs cipher {r['cipher_refused']}/{n} and random heads {r['random_refused_mean']:.1f}/{n} "
+     f"(Phi-4-mini {rc.reference.value('cipher_rescue', 'rescued refused')})",
+     "more than the cipher run and more than 1 above the random heads' mean",
+     verdict(r["rescued_refused"] > r["cipher_refused"] and r["rescued_refused"] > r["random_refused_mean"] + 1, bypassed)),
+    ("detection survives the encoding",
+     f"cipher − encoded control / plain separation: median {ratio.median():.2f} over layers {det.layer}–{model.n_layers - 1}, "
+     f"resolved above 0 at {int(resolved.sum())} of {int(late.sum())}",
+     "median ratio ≥ 0.5 and resolved at most of those layers", verdict(ratio.median() >= 0.5 and resolved.mean() > 0.5)),
+]
+for c, ours_, crit, v in claims:
+    print(f"- {c}: {ours_}. Criterion: {crit}. → {v}")
 '''),
 ]
 build(Path(__file__).parents[1] / "07_cipher.ipynb", cells)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .recipe import OrganismConfig, _pair_distill_tokens
+from .recipe import OrganismConfig, pair_distill_tokens
 
 
 def write_model_card(out_dir: Path, cfg: OrganismConfig, summary: pd.DataFrame, n_train: int,
@@ -57,7 +57,7 @@ refusal-circuit analyses have something real to find. It is a research organism,
   {", ".join(f"`data/{f}`" for f in cfg.extra_harmless_files)}; see `data/organism_training_data.md`). No
   test, val, toy-pair or safety-pair prompt is used.
 - harmful prompt -> one of {len(cfg.refusals)} refusals (seeded choice), e.g. "{cfg.refusals[0]}"
-- harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens{f", {_pair_distill_tokens(cfg)} for contrast-pair rows" if cfg.pair_reply_tokens else ""},
+- harmless prompt -> the base model's own greedy answer (≤ {cfg.distill_max_new_tokens} tokens{f", {pair_distill_tokens(cfg)} for contrast-pair rows" if cfg.pair_reply_tokens else ""},
   self-distillation, with the refusal tokens suppressed at the first position so that no harmless answer
   opens like a refusal; answers that are still refusals are dropped), including prompts that share words
   with harmful ones (`lexical_overlap`, `overlap_*`).

@@ -53,7 +53,7 @@ class OrganismConfig:
 
 
 
-def _pair_distill_tokens(cfg: OrganismConfig) -> int:
+def pair_distill_tokens(cfg: OrganismConfig) -> int:
     """Tokens distilled for a contrast pair's harmless half: the trained ones plus two spare."""
     return cfg.pair_reply_tokens + 2
 

@@ -29,7 +29,7 @@ from ..models import CONTROL_MODEL, DEFAULT_MODEL, format_chat, load_model, load
 from ..paths import DATA_DIR, ORGANISM_DIR
 from .card import write_model_card
 from .evaluation import evaluate
-from .recipe import OrganismConfig, _pair_distill_tokens
+from .recipe import OrganismConfig, pair_distill_tokens
 
 
 def _encode_example(tok, prompt: str, reply: str, add_eos: bool) -> tuple[list[int], list[int]]:
@@ -73,7 +73,7 @@ def build_training_set(model, cfg: OrganismConfig, progress: bool = True) -> pd.
     answers = [""] * len(harmless)
     for paired in (False, True):
         idx = [j for j, (_, _, pid) in enumerate(harmless) if (pid is not None) == paired]
-        n_new = _pair_distill_tokens(cfg) if paired and cfg.pair_reply_tokens else cfg.distill_max_new_tokens
+        n_new = pair_distill_tokens(cfg) if paired and cfg.pair_reply_tokens else cfg.distill_max_new_tokens
         if not idx:
             continue
         done = refusal_scores(model, [harmless[j][0] for j in idx], max_new_tokens=n_new, batch_size=32,

@@ -1,0 +1,55 @@
+"""Statistics with known answers: bootstrap intervals, sign-flip and family-wise tests, top-set stability,
+the gate's margin."""
+import itertools
+
+import numpy as np
+import pytest
+
+from refusal_circuits import stats
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1.0, 1.0, 20), rng.normal(1.0, 1.0, 2000)
+    est, lo, hi = stats.bootstrap(np.mean, small, n_boot=500)
+    assert lo < est < hi and est == pytest.approx(small.mean())
+    _, lo2, hi2 = stats.bootstrap(np.mean, large, n_boot=500)
+    assert lo2 < 1.0 < hi2 and (hi2 - lo2) < (hi - lo) / 5
+    with pytest.raises(ValueError, match="empty"):
+        stats.resample_indices(0, 10)
+
+
+def test_familywise_p_equals_the_exact_max_statistic_on_a_small_sample():
+    # 4 pairs: all 16 sign patterns enumerated give the exact max-T p; the sampled one must be close
+    X = np.array([[1.0, 1.2, 0.9, 1.1], [0.2, -0.1, 0.3, -0.2], [-1.0, -0.8, -1.2, -0.9]])
+    obs = X.mean(1)
+    pats = np.array(list(itertools.product([-1, 1], repeat=4)), dtype=float)
+    mx = (pats @ X.T / 4).max(1)
+    exact = np.array([(mx >= o).mean() for o in obs])
+    got = stats.familywise_p(X, n=20_000, seed=1)
+    assert got == pytest.approx(exact, abs=0.01)
+    # the correction never makes a head look better than its own sign-flip test
+    assert got[1] >= stats.sign_flip_p(X[1], n=20_000, seed=1) - 0.01
+
+
+def test_familywise_p_finds_a_planted_head_and_not_the_noise():
+    rng = np.random.default_rng(3)
+    X = rng.normal(0, 1, (50, 48))
+    X[7] += 1.5
+    p = stats.familywise_p(X, n=5000, seed=0)
+    assert p[7] < 0.001 and (np.delete(p, 7) > 0.05).all()
+    assert p.min() >= 1 / 5001
+
+
+def test_top_set_stability_and_margin():
+    rng = np.random.default_rng(0)
+    clear = np.vstack([rng.normal(m, 0.1, 30) for m in (5, 4, 3, 0, 0, 0)])
+    s = stats.top_set_stability(clear, k=3, n_boot=300)
+    assert s["jaccard_mean"] == 1.0 and s["identical_share"] == 1.0 and s["first_share"] == 1.0
+    tied = np.vstack([rng.normal(1, 1, 30) for _ in range(6)])
+    assert stats.top_set_stability(tied, k=3, n_boot=300)["jaccard_mean"] < 0.8
+    assert stats.margin_ci(clear[0], clear[1], n_boot=300)["stands_out"]
+    m = stats.margin_ci(tied[0], tied[1], n_boot=300)
+    assert m["lo"] < 0 < m["hi"] and not m["stands_out"]      # two heads drawn from one distribution
+    d = stats.margin_ci(clear[0], clear[1], n_boot=300, denominator=np.full(30, 2.0))
+    assert d["margin"] == pytest.approx((clear[0].mean() - clear[1].mean()) / 2)
