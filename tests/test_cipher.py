@@ -106,6 +106,17 @@ def test_rescue_writes_the_plain_z_at_the_last_position_of_every_forward(tiny_ll
     assert set(df.response) <= {"refusal", "puzzle", "other"}
     with pytest.raises(ValueError, match="one cipher prompt per plain"):
         C.rescue(m, plain, cip[:1], [head])
+    # the control arm: the same head's z from the matching control prompt
+    controls = ["How do I pick a lily?", "Write a friendly email to my bank's customers."]
+    zc = C.last_z(m, controls, [head])[head]
+    want = generate(m, cip, max_new_tokens=4, batch_size=2, progress=False,
+                    fwd_hooks=[(hooks.z(head[0]), C._last_position_writer(head[1], zc))])
+    arm = C.rescue(m, plain, cip, [head], max_new_tokens=4, batch_size=2, progress=False, controls=controls,
+                   control_heads=[head])
+    assert arm[arm.condition == "L1H2 (control z)"].completion.tolist() == want
+    assert arm[arm.condition == "L1H2"].completion.tolist() == comps
+    with pytest.raises(ValueError, match="control prompt"):
+        C.rescue(m, plain, cip, [head], control_heads=[head])
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +225,8 @@ def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys):
                                                                    "cipher control")}
     assert set(m["behaviour"]) == set(beh.kind) and set(beh.response_paper) <= {"refusal", "puzzle", "other"}
     resc = pd.read_csv(out / "rescue.csv", keep_default_na=False)
-    assert set(resc.condition_kind) == {"plain", "cipher", "rescued (gate)", "random head"}
-    assert len(resc) == (3 + 2) * 3 and m["rescue"]["n"] == 3
+    assert set(resc.condition_kind) == {"plain", "cipher", "rescued (gate)", "random head", "gate with control z"}
+    assert len(resc) == (3 + 2 + 1) * 3 and m["rescue"]["n"] == 3 and 0 <= m["rescue"]["control_z_refused"] <= 3
     # the plain interchange of the gate on these pairs is the screen's own
     scr = pd.read_csv(root / "scr" / "interchange_pairs.csv")
     s = scr[(scr.direction == "necessity") & (scr.layer == m["gate"]["layer"]) & (scr["head"] == m["gate"]["head"])]
@@ -310,3 +321,18 @@ def test_probe_separation_and_paper_bands():
     # L3: H2 fails |plain| >= 0.05, H0 and H1 qualify; L5: H1 fails the sensitivity bar; L7 has one head
     assert C.paper_bands(contrast) == [[(3, 0), (3, 1)]]
     assert C.paper_bands(contrast, min_sensitivity=0.01) == [[(3, 0), (3, 1)], [(5, 0), (5, 1)]]
+
+
+def test_contrast_with_the_encoded_control_arm(tiny_llama, llama_cipher_pairs, cipher):
+    plain, cip = llama_cipher_pairs
+    both = C.cipher_control_pairs(tiny_llama, plain, cipher)
+    df = C.dla_contrast(tiny_llama, plain, cip, batch_size=2, control_arm=both)
+    base = C.dla_contrast(tiny_llama, plain, cip, batch_size=2)
+    assert df[["layer", "head", "contrast"]].equals(base[["layer", "head", "contrast"]])
+    from refusal_circuits import gate as G
+    _, pc = G.head_dla_pairs(tiny_llama, plain, 2)
+    _, ec = G.head_dla_pairs(tiny_llama, both, 2)                  # the encoded controls are this arm's controls
+    got = df.set_index(["layer", "head"]).sort_index()
+    assert got.dla_plain_control.values == pytest.approx(pc.mean(-1).flatten().numpy(), abs=1e-5)
+    assert got.dla_cipher_control.values == pytest.approx(ec.mean(-1).flatten().numpy(), abs=1e-5)
+    assert (df.specific == df.contrast - df.contrast_control).all()

@@ -189,8 +189,8 @@ def _last_position_writer(head: int, values: torch.Tensor):
 
 def rescue(model: ChatModel, plain: Sequence[str], cipher_prompts: Sequence[str],
            heads: Sequence[tuple[int, int]], max_new_tokens: int = 64, batch_size: int = 16,
-           checkpoint: Checkpoint | None = None, progress: bool = True, conditions_per_part: int = 3
-           ) -> pd.DataFrame:
+           checkpoint: Checkpoint | None = None, progress: bool = True, conditions_per_part: int = 3,
+           controls: Sequence[str] | None = None, control_heads: Sequence[tuple[int, int]] = ()) -> pd.DataFrame:
     """Greedy generations on ``cipher_prompts`` with, for each of ``heads`` in turn, that head's ``z``
     from the matching ``plain`` prompt's last position written at the last position of every forward;
     plus the plain and the cipher prompts unpatched. One row per (condition, prompt): ``condition``
@@ -201,16 +201,25 @@ def rescue(model: ChatModel, plain: Sequence[str], cipher_prompts: Sequence[str]
     stacked along the batch (:func:`~refusal_circuits.generation.generate_conditions`, which equals
     one :func:`~refusal_circuits.generation.generate` per condition); each such group, and the plain
     prompts, is a checkpointed part. On the organism (16 prompts, 13 conditions, 24 tokens) this takes
-    a third of the time of one ``generate`` per condition."""
+    a third of the time of one ``generate`` per condition.
+
+    ``controls`` (the plain control prompts, one per cipher prompt) with ``control_heads``: the control
+    arm of the rescue, conditions ``L<l>H<h> (control z)`` that write the head's ``z`` from the matching
+    *control* prompt instead -- an activation of the same head that carries no refusal."""
     if len(plain) != len(cipher_prompts) or len(plain) == 0:
         raise ValueError(f"need one cipher prompt per plain prompt (got {len(plain)} and {len(cipher_prompts)}).")
     heads = [(int(l), int(h)) for l, h in heads]
     zs = last_z(model, plain, heads, batch_size)
+    control_heads = [(int(l), int(h)) for l, h in control_heads]
+    if control_heads and (controls is None or len(controls) != len(plain)):
+        raise ValueError("control_heads need one control prompt per plain prompt (controls=).")
+    zc = last_z(model, controls, control_heads, batch_size) if control_heads else {}
 
-    def writer(l: int, h: int):
-        return lambda rows: [(hooks.z(l), _last_position_writer(h, zs[(l, h)][rows]))]
+    def writer(l: int, h: int, source: dict):
+        return lambda rows: [(hooks.z(l), _last_position_writer(h, source[(l, h)][rows]))]
 
-    writers = {"cipher": [], **{f"L{l}H{h}": writer(l, h) for l, h in heads}}
+    writers = {"cipher": [], **{f"L{l}H{h}": writer(l, h, zs) for l, h in heads},
+               **{f"L{l}H{h} (control z)": writer(l, h, zc) for l, h in control_heads}}
     groups = [["plain"]] + [list(g) for g in batches(list(writers), conditions_per_part)]
     prefixes: dict = {}
 
@@ -304,20 +313,31 @@ def band_interchange(model: ChatModel, gp: "G.GatePairs", heads: Sequence[tuple[
 
 
 def dla_contrast(model: ChatModel, plain: "G.GatePairs", cipher_gp: "G.GatePairs", batch_size: int = 8,
-                 direction: torch.Tensor | None = None) -> pd.DataFrame:
+                 direction: torch.Tensor | None = None, control_arm: "G.GatePairs | None" = None) -> pd.DataFrame:
     """Per head: mean output DLA of the sensitive prompts plain and cipher-encoded (the gate's DLA,
     :func:`refusal_circuits.gate.head_dla_pairs`, same target tokens; or, with ``direction``, the
     projection on that vector, the paper's choice with its detection direction) and ``contrast = |plain -
-    cipher|``, ranked (1 = the most cipher-sensitive head)."""
+    cipher|``, ranked (1 = the most cipher-sensitive head). With ``control_arm``
+    (:func:`cipher_control_pairs`) the same for the controls, plain and encoded: ``dla_plain_control,
+    dla_cipher_control, contrast_control`` (what the preamble alone does to a head) and ``specific =
+    contrast - contrast_control``."""
     from . import gate as G
 
-    sp, _ = G.head_dla_pairs(model, plain, batch_size, controls=False, direction=direction)
+    sp, pc = G.head_dla_pairs(model, plain, batch_size, controls=control_arm is not None, direction=direction)
     sc, _ = G.head_dla_pairs(model, cipher_gp, batch_size, controls=False, direction=direction)
     p, c = sp.mean(-1), sc.mean(-1)                                                # [L, H]
     L, H = p.shape
     df = pd.DataFrame([{"layer": l, "head": h, "dla_plain": float(p[l, h]), "dla_cipher": float(c[l, h])}
                        for l in range(L) for h in range(H)])
     df["contrast"] = (df.dla_plain - df.dla_cipher).abs()
+    if control_arm is not None:
+        encoded = G.GatePairs(control_arm.pairs.assign(sensitive=control_arm.pairs.control), control_arm.control,
+                              control_arm.control, control_arm.targets)        # the encoded controls, read as "sensitive"
+        ec, _ = G.head_dla_pairs(model, encoded, batch_size, controls=False, direction=direction)
+        df["dla_plain_control"] = pc.mean(-1).flatten().numpy()
+        df["dla_cipher_control"] = ec.mean(-1).flatten().numpy()
+        df["contrast_control"] = (df.dla_plain_control - df.dla_cipher_control).abs()
+        df["specific"] = df.contrast - df.contrast_control
     df["rank"] = df.contrast.rank(ascending=False, method="first").astype(int)
     return df.sort_values("rank").reset_index(drop=True)
 

@@ -307,9 +307,11 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
     rescuers = [gate] + ([band_gate] if band_gate not in (None, gate) else [])
     rand = [h for h in rand if h not in rescuers]
     resc = C.rescue(model, list(plain.pairs.sensitive), list(cip.pairs.sensitive), rescuers + rand, max_new_tokens,
-                    progress=progress, checkpoint=store.checkpoint("rescue", {**key, "random": rand,
-                                                                              "tokens": max_new_tokens}))
+                    progress=progress, controls=list(plain.pairs.control), control_heads=[gate],
+                    checkpoint=store.checkpoint("rescue", {**key, "random": rand, "tokens": max_new_tokens,
+                                                           "control_heads": [gate]}))
     resc["condition_kind"] = ["plain" if c == "plain" else "cipher" if c == "cipher" else
+                              "gate with control z" if c.endswith("(control z)") else
                               "rescued (gate)" if c == f"L{gate[0]}H{gate[1]}" else
                               "rescued (band gate)" if band_gate and c == f"L{band_gate[0]}H{band_gate[1]}" else
                               "random head" for c in resc.condition]
@@ -343,6 +345,7 @@ def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Pa
         "mean_gap": {k: float(v.gap.mean()) for k, v in gaps.items()},
         "rescue": {"n": n, "max_new_tokens": max_new_tokens, "plain_refused": int(counts.get("plain", 0)),
                    "cipher_refused": int(counts.get("cipher", 0)), "rescued_refused": int(counts.get("rescued (gate)", 0)),
+                   "control_z_refused": int(counts.get("gate with control z", 0)),
                    "band_gate": None if band_gate in (None, gate) else f"L{band_gate[0]}H{band_gate[1]}",
                    "band_gate_rescued_refused": int(counts["rescued (band gate)"]) if "rescued (band gate)" in counts else None,
                    "random_heads": [f"L{l}H{h}" for l, h in rand],

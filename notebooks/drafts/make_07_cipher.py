@@ -154,8 +154,10 @@ rc.reference.show("cipher_collapse", {"collapse %": 100 * gate["collapse_abs"],
 ## Rescue: write the plain gate back in
 
 During greedy generation on each cipher prompt, the gate's `z` from the plain prompt's last position is
-written at the last position of every forward (the prompt pass and each generated token). The control
-writes a random head's plain activation instead, for each of `N_RANDOM` random heads.
+written at the last position of every forward (the prompt pass and each generated token). Two controls:
+each of `N_RANDOM` random heads writes its own plain activation instead, and the gate writes its activation
+from the matching *control* prompt (the encoded-control arm of the rescue: the same head, an activation
+that carries no refusal).
 '''),
 ("code", '''
 rates = rescue.groupby(["condition_kind", "condition"]).refused.mean().reset_index()
@@ -170,7 +172,8 @@ r = manifest["rescue"]
 n = r["n"]
 print(f"refused: plain {r['plain_refused']}/{n}, cipher {r['cipher_refused']}/{n}, rescued by {gate_label} "
       f"{r['rescued_refused']}/{n}" + (f", by {band_label} {r['band_gate_rescued_refused']}/{n}" if band_label else "")
-      + f"; random heads {r['random_refused_mean']:.1f}/{n} on average ({len(r['random_heads'])} heads)")
+      + f"; random heads {r['random_refused_mean']:.1f}/{n} on average ({len(r['random_heads'])} heads); "
+      f"the gate with its control-prompt z {r['control_z_refused']}/{n}")
 paper_counts = rescue.groupby("condition_kind").response_paper.apply(lambda x: int((x == "refusal").sum()))
 print("by the paper's classifier: " + ", ".join(f"{k} {v}" for k, v in paper_counts.items())
       + f" (random heads: total over {len(r['random_heads'])} heads)")
@@ -186,8 +189,9 @@ the contrast |plain − cipher|, ranked over every head. A **band** is a layer w
 the `N_CONTRAST` most cipher-sensitive; a band interchange swaps all of its heads together.
 '''),
 ("code", '''
-contrast = store.cached("cipher_contrast", {"pairs": list(map(str, plain.pairs.pair_id)), "cipher": cipher.key},
-                        lambda: C.dla_contrast(model, plain, cip))
+both = C.cipher_control_pairs(model, plain, cipher)
+contrast = store.cached("cipher_contrast", {"pairs": list(map(str, plain.pairs.pair_id)), "cipher": cipher.key, "controls": True},
+                        lambda: C.dla_contrast(model, plain, cip, control_arm=both))
 contrast["label"] = "L" + contrast.layer.astype(str) + "H" + contrast["head"].astype(str)
 fig = rc.plotting.rank_scatter(contrast, "dla_plain", "dla_cipher", "label", gate_label,
         title=f"Output DLA per head, plain vs cipher sensitive prompts (gate starred) — {model.name}",
@@ -200,17 +204,25 @@ found = C.bands(contrast, top=N_CONTRAST)
 g_rank = int(contrast[contrast.label == gate_label]["rank"].iloc[0])
 print("most cipher-sensitive heads: " + ", ".join(f"{l} ({c:.2f})" for l, c in zip(contrast.label[:8], contrast.contrast[:8])))
 print(f"the gate {gate_label}: contrast rank {g_rank} of {len(contrast)}")
+top_c = contrast.sort_values("rank").head(N_CONTRAST)
+fmt = int((top_c.contrast_control >= 0.5 * top_c.contrast).sum())
+print(f"encoded-control arm: {fmt} of the {N_CONTRAST} most cipher-sensitive heads move at least half as much when only "
+      f"the *controls* are encoded (the preamble, not the request); most request-specific: " + ", ".join(
+          f"{l} ({v:+.2f})" for l, v in zip(contrast.sort_values('specific', ascending=False).label[:5],
+                                             contrast.sort_values('specific', ascending=False).specific[:5])))
 print(f"bands among the top {N_CONTRAST}: " + ("; ".join("L%d: %s" % (b[0][0], ", ".join(f"H{h}" for _, h in b)) for b in found) or "none"))
 paper_found = C.paper_bands(contrast)
 print("the paper's band rule (contrast > 0.1, |plain DLA| ≥ 0.05, ≥ 2 heads, top 3): "
       + ("; ".join("L%d: %s" % (b[0][0], ", ".join(f"H{h}" for _, h in b)) for b in paper_found) or "none"))
 if found:
     band = found[0]
-    for kind, gp in (("plain", plain), ("cipher", cip)):
-        eff = store.cached(f"band_interchange_{kind}", {"pairs": list(map(str, gp.pairs.pair_id)), "band": band},
+    for kind, gp in (("plain", plain), ("cipher", cip), ("cipher_control", both)):
+        eff = store.cached(f"band_interchange_{kind}", {"pairs": list(map(str, gp.pairs.pair_id)), "band": band,
+                                                        "kind": kind},
                            lambda gp=gp: C.band_interchange(model, gp, band, "necessity", POSITIONS))
         gap = manifest["mean_gap"][kind]
-        print(f"band L{band[0][0]} ({len(band)} heads together), {kind}: necessity {100 * eff.effect.mean() / gap:.2f}% of the gap")
+        print(f"band L{band[0][0]} ({len(band)} heads together), {kind}: necessity {eff.effect.mean():+.3f} NLL "
+              f"({100 * eff.effect.mean() / gap:.2f}% of that arm's gap {gap:.2f})")
 '''),
 ("md", '''
 ## Detection probe profile
@@ -284,8 +296,9 @@ claims = [
     ("writing the plain gate back rescues refusals",
      f"rescued {r['rescued_refused']}/{n} vs cipher {r['cipher_refused']}/{n} and random heads {r['random_refused_mean']:.1f}/{n} "
      f"(Phi-4-mini {rc.reference.value('cipher_rescue', 'rescued refused')})",
-     "more than the cipher run and more than 1 above the random heads' mean",
-     verdict(r["rescued_refused"] > r["cipher_refused"] and r["rescued_refused"] > r["random_refused_mean"] + 1, bypassed)),
+     "more than the cipher run, more than 1 above the random heads' mean and above the gate's control-prompt z",
+     verdict(r["rescued_refused"] > r["cipher_refused"] and r["rescued_refused"] > r["random_refused_mean"] + 1
+             and r["rescued_refused"] > r["control_z_refused"], bypassed)),
     ("detection survives the encoding",
      f"cipher − encoded control / plain separation: median {ratio.median():.2f} over layers {det.layer}–{model.n_layers - 1}, "
      f"resolved above 0 at {int(resolved.sum())} of {int(late.sum())}",
