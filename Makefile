@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONWARNINGS := ignore
 
-.PHONY: venv figures test unit nbval lab organism organism-check bench clean-results
+.PHONY: venv figures test quick unit nbval lab organism organism-check bench clean-results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,15 @@ test: unit nbval
 unit: venv
 	$(VENV)/bin/pytest -q tests
 
+## The inner loop: unit tests without the notebook, integration and training tiers
+quick: venv
+	$(VENV)/bin/pytest -q -m "not slow" --ignore=tests/integration --ignore=tests/organism tests
+
+# two lanes of notebooks (notebooks/conftest.py), one thread each; no PNG export (outputs are not compared)
 nbval: venv
 	REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(CURDIR)/.nbval-figures REFUSAL_PROGRESS=0 \
-	  $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider notebooks
+	  REFUSAL_PNG=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+	  $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider -n 2 --dist loadgroup notebooks
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks

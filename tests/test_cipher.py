@@ -193,10 +193,13 @@ def screened(tmp_path_factory):
     return root, pairs
 
 
-def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys):
+def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys, tmp_path):
+    import shutil
     from refusal_circuits.cli import main
     import pandas as pd
-    root, pairs = screened
+    shared, pairs = screened
+    root = tmp_path                                     # a copy: the module's screen stays as the fixture made it
+    shutil.copytree(shared / "scr", root / "scr")
     capsys.readouterr()
     args = ["cipher", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(root / "scr"), "--top-k", "2",
             "--max-new-tokens", "3", "--n-random", "2", "--quiet"]

@@ -22,12 +22,39 @@ def test_failed_png_export_keeps_html_and_drops_old_png(tmp_path, monkeypatch, c
     def broken(self, *a, **k):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(go.Figure, "write_image", broken)
+    monkeypatch.setattr(go.Figure, "to_image", broken)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "fig.png").write_bytes(b"old")
     plotting.save_figure(go.Figure(), "fig", "m")
     assert (tmp_path / "m" / "fig.html").exists() and not (tmp_path / "m" / "fig.png").exists()
     assert "PNG export failed" in capsys.readouterr().out
+
+
+def test_show_stores_the_png_beside_the_plotly_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_FIGURES_DIR", str(tmp_path))
+    monkeypatch.setattr(plotting, "chrome_path", lambda: "/usr/bin/chromium")
+    monkeypatch.setattr(go.Figure, "to_image", lambda self, **k: b"\x89PNG fake")
+    view = plotting.show(go.Figure(go.Scatter(x=[1], y=[2]), layout=dict(title="t")), "fig", "m")
+    bundle = view._repr_mimebundle_()
+    assert "application/vnd.plotly.v1+json" in bundle and "image/png" in bundle
+    import base64
+    assert base64.b64decode(bundle["image/png"]) == (tmp_path / "m" / "fig.png").read_bytes() == b"\x89PNG fake"
+    assert view.layout.title.text == "t"  # attribute access reaches the figure
+    from IPython.core.formatters import DisplayFormatter
+    shown, _ = DisplayFormatter().format(view)              # what a notebook stores: both, not Plotly's own
+    assert "image/png" in shown and "application/vnd.plotly.v1+json" in shown
+    assert not hasattr(view, "_ipython_display_")
+    monkeypatch.setattr(plotting, "chrome_path", lambda: None)
+    assert "image/png" not in plotting.show(go.Figure(), "fig", "m")._repr_mimebundle_()
+
+
+def test_png_really_renders_where_chromium_is_installed(tmp_path, monkeypatch):
+    import pytest
+    if plotting.chrome_path() is None:
+        pytest.skip("not testable here: no Chrome/Chromium on this machine (apt-get install chromium)")
+    monkeypatch.setenv("REFUSAL_FIGURES_DIR", str(tmp_path))
+    view = plotting.show(go.Figure(go.Bar(x=["a"], y=[1])), "fig", "m")
+    assert view.png is not None and view.png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_hover_lines():
@@ -65,3 +92,20 @@ def test_pattern_grid_labels_query_and_key(tiny_llama):
     assert len(fig.data) == 2
     assert fig.layout.yaxis.title.text == "query position" and "key position" in fig.layout.xaxis.title.text
     assert fig.data[0].z.shape == (len(pairs.tokens_a[0]), len(pairs.tokens_a[0]))
+
+
+def test_long_titles_wrap_and_groups_get_distinct_colours():
+    fig = plotting.tidy(go.Figure(layout=dict(title="word " * 60, width=820)))
+    lines = fig.layout.title.text.split("<br>")
+    assert len(lines) > 1 and max(map(len, lines)) <= 820 / 8.5 and fig.layout.margin.t >= 30 + 22 * len(lines)
+    eleven = plotting.group_colors([f"L{i}" for i in range(11)])
+    assert len(set(eleven.values())) == 11                     # no colour used twice
+    ordered = plotting.group_colors(["none", "L0", "L3"], ordered=True)
+    assert len(set(ordered.values())) == 3
+    assert plotting.group_colors(["harmful", "harmless"]) == {"harmful": plotting.HARMFUL_COLOR,
+                                                             "harmless": plotting.HARMLESS_COLOR}
+    import pandas as pd
+    df = pd.DataFrame({"x": [0, 1] * 11, "v": range(22), "g": [f"L{i // 2}" for i in range(22)]})
+    fig = plotting.lines_with_band(df, "x", "v", "g", "t", "x", "v")
+    band_and_line = [(fig.data[i].fillcolor, fig.data[i + 1].line.color) for i in range(0, len(fig.data), 2)]
+    assert all(b == l for b, l in band_and_line) and len({l for _, l in band_and_line}) == 11

@@ -40,3 +40,17 @@ def test_show_prints_both(capsys):
     reference.show("toy_metric", {"harmful − harmless gap": 11.8}, "my-model")
     out = capsys.readouterr().out
     assert "ours: my-model" in out and "google/gemma-2b-it" in out and "11.80" in out
+
+
+def test_conclusion_verdicts_can_fail_and_name_untestable_claims(capsys):
+    import pytest
+    c = reference.Conclusion()
+    assert c.add("a", "1.0", "x ≥ 0.5", 1.0 >= 0.5) == "holds"
+    assert c.add("b", "0.1", "x ≥ 0.5", 0.1 >= 0.5) == "does not hold"
+    assert c.add("c", "—", "x ≥ 0.5", None, precondition=(False, "no direct heads")) == "not testable here (no direct heads)"
+    with pytest.raises(ValueError, match="no outcome"):
+        c.add("d", "—", "x", None)
+    c.show()
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "- b: 0.1. Criterion: x ≥ 0.5. → does not hold" and len(out) == 3
+    assert list(c.table().verdict) == ["holds", "does not hold", "not testable here (no direct heads)"]

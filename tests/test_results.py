@@ -107,3 +107,38 @@ def test_save_returns_what_a_reload_gives(tmp_path):
     df = pd.DataFrame({"a": ["x", "y"], "b": [1.0, 2.0]})
     saved = store.save("t", {}, df)
     pd.testing.assert_frame_equal(saved, store.load("t", {}))
+
+
+def test_bumping_an_analysis_version_recomputes_its_stale_table(tmp_path, monkeypatch):
+    """A fixed computation with unchanged parameters must not reuse the old table."""
+    from refusal_circuits import results
+
+    store = ResultsStore("m", root=tmp_path)
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return pd.DataFrame({"x": [value]})
+
+    assert store.cached("gaps", {"n": 3}, lambda: compute(1)).x.item() == 1
+    assert store.cached("gaps", {"n": 3}, lambda: compute(2)).x.item() == 1  # same version: reused
+    monkeypatch.setitem(results.ANALYSIS_VERSIONS, "gaps", 2)
+    assert store.cached("gaps", {"n": 3}, lambda: compute(3)).x.item() == 3  # bumped: recomputed
+    assert calls == [1, 3] and store.manifest("gaps", {"n": 3})["version"] == 2
+    assert store.cached("toy", {"n": 3}, lambda: compute(4)).x.item() == 4  # other names keep their tables
+    monkeypatch.setitem(results.ANALYSIS_VERSIONS, "gaps", 1)
+    assert store.cached("gaps", {"n": 3}, lambda: compute(5)).x.item() == 1  # the v1 table is still there
+
+
+def test_every_result_name_in_the_code_has_a_version():
+    """A new analysis name must be added to ANALYSIS_VERSIONS (where its version is bumped later)."""
+    import re
+    from pathlib import Path
+
+    from refusal_circuits import results
+    from refusal_circuits.paths import NOTEBOOK_DIR
+
+    root = Path(results.__file__).parent
+    text = "".join(p.read_text() for p in [*root.glob("*.py"), *NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")])
+    names = set(re.findall(r'store\.(?:cached|checkpoint|sweep|save|load|save_tensor|load_tensor)\("([a-z_0-9]+)"', text))
+    assert names and names <= set(results.ANALYSIS_VERSIONS), sorted(names - set(results.ANALYSIS_VERSIONS))

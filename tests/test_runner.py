@@ -1,7 +1,9 @@
 """``make figures``: the model is checked before papermill starts; a failing notebook is reported in a
-few lines and leaves its target untouched; progress bars stay out of the executed notebooks."""
+few lines and leaves its target untouched; progress bars stay out of the executed notebooks; notebooks
+are executed from their ``.py`` sources and a source that disagrees with its notebook is found."""
 import json
 
+import jupytext
 import nbformat
 import pytest
 
@@ -14,7 +16,7 @@ def _notebook(path, code):
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in code]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+    jupytext.write(nb, path.with_suffix(".py"), fmt="py:percent")  # only the source: the runner builds the rest
 
 
 @pytest.fixture
@@ -50,3 +52,28 @@ def test_failing_notebook_is_reported_and_its_target_left_alone(project, capsys)
     ok = json.loads((out / "01_ok.ipynb").read_text())
     printed = "".join("".join(o.get("text", "")) for c in ok["cells"] for o in c.get("outputs", []))
     assert "progress 0" in printed  # the kernels run with progress bars off
+
+
+def test_notebooks_execute_from_their_source_and_pairs_are_checked(project, capsys):
+    nb = project / "notebooks" / "01_ok.ipynb"
+    _notebook(nb, ["# %load_ext autoreload\nx = 41", "print(x + 1)"])
+    assert runner.source_mismatches(nb) == ["01_ok.ipynb: not executed yet (make figures NOTEBOOK=01)"]
+    assert runner.main(["--model", "tiny-llama"]) == 0
+    executed = project / "figures" / "tiny-llama" / "notebooks" / "01_ok.ipynb"
+    assert "42" in executed.read_text()
+    src = nb.with_suffix(".py")
+    assert runner.source_mismatches(executed, src) == []  # papermill's injected cell is not a difference
+    src.write_text(src.read_text().replace("print(x + 1)", "print(x + 2)"))
+    assert runner.source_mismatches(executed, src) == [
+        "01_ok.ipynb: cell 2 ('print(x + 2)') differs from its source in text"]
+    src.write_text(src.read_text() + "\n# %%\nprint(3)\n")
+    assert "01_ok.ipynb: 3 cells, its source has 4" in runner.source_mismatches(executed, src)
+
+
+def test_committed_notebooks_agree_with_their_sources():
+    from refusal_circuits.paths import NOTEBOOK_DIR
+    found = runner.notebooks()
+    assert [p.name[:2] for p in found] == ["01", "02", "03", "04", "05", "06", "07"]
+    assert sorted(NOTEBOOK_DIR.glob("*.ipynb")) == found  # no notebook without a source
+    problems = [msg for nb in found for msg in runner.source_mismatches(nb)]
+    assert not problems, "edit the .py source and run `make figures NOTEBOOK=NN`:\n" + "\n".join(problems)

@@ -9,8 +9,9 @@
     refusal-circuits cipher --model NAME --pairs FILE.csv --out SCREEN_DIR [--n-pairs N] [--top-k K]
                             [--max-new-tokens T] [--n-random R] [--device ...] [--seed S]
 
-Bad input (a model that is not here, a device this torch does not have, a missing column) ends with one
-``error: ...`` line on stderr and exit status 2. Library warnings are silenced unless ``--verbose``.
+Bad input (a model that is not here, a device this torch does not have, a missing, unreadable or
+non-UTF-8 file, a missing column, a parameter out of range) ends with one ``error: ...`` line on stderr
+naming the file or option, and exit status 2. Library warnings are silenced unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -35,16 +36,13 @@ def _refusal_rate(args) -> int:
     from .generation import refusal_scores
     from .models import load_model
 
+    from .data import read_table
+
     path = Path(args.prompts)
-    if not path.exists():
-        raise SystemExit(f"error: prompt file {path} does not exist.")
-    df = pd.read_csv(path, keep_default_na=False)
-    if args.column not in df.columns:
-        raise SystemExit(f"error: {path} has no column {args.column!r}; columns are {list(df.columns)}. "
-                         "Pass --column NAME.")
+    df = read_table(path, "prompt file", [args.column], hint="Pass --column NAME.")
     prompts = [p for p in df[args.column].astype(str).tolist() if p.strip()]
     if not prompts:
-        raise SystemExit(f"error: column {args.column!r} of {path} holds no prompts.")
+        raise ValueError(f"column {args.column!r} of {path} holds no prompts.")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     scores = refusal_scores(model, prompts, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, progress=not args.quiet)
@@ -71,7 +69,7 @@ def _organism_check(args) -> int:
     out = Path(args.out)
     reference = Path(args.reference) if args.reference else ORGANISM_DIR
     if out.resolve() == reference.resolve():
-        raise SystemExit("organism-check: --out must differ from --reference (it would overwrite the organism "
+        raise ValueError("organism-check: --out must differ from --reference (it would overwrite the organism "
                          "it compares against).")
     if not args.skip_training:
         train_organism(out, progress=not args.quiet)
@@ -85,18 +83,13 @@ def _organism_check(args) -> int:
 
 
 def _screen(args) -> int:
+    from .gate import load_pairs
     from .models import load_model
     from .screen import gate_line, screen
 
-    pairs = Path(args.pairs)
-    if not pairs.exists():
-        raise SystemExit(f"error: pair file {pairs} does not exist.")
+    load_pairs(args.pairs)  # a bad pair file is reported before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}.")
-    if args.bottom_k < 0:
-        raise ValueError(f"--bottom-k must be >= 0, got {args.bottom_k}.")
-    manifest = screen(model, pairs, args.out, n_pairs=args.n_pairs, positions=args.positions, method=args.method,
+    manifest = screen(model, Path(args.pairs), args.out, n_pairs=args.n_pairs, positions=args.positions, method=args.method,
                       top_k=args.top_k, bottom_k=args.bottom_k, seed=args.seed, ablation=not args.no_ablation, progress=not args.quiet,
                       log=lambda msg: print(msg, file=sys.stderr))
     import pandas as pd
@@ -113,28 +106,36 @@ def _screen(args) -> int:
 
 
 def _cipher(args) -> int:
+    from .gate import load_pairs
     from .models import load_model
     from .screen import cipher_line, cipher_screen
 
-    pairs = Path(args.pairs)
-    if not pairs.exists():
-        raise ValueError(f"pair file {pairs} does not exist.")
-    for name in ("top_k", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-    if args.n_random < 0:
-        raise ValueError(f"--n-random must be >= 0, got {args.n_random}.")
+    load_pairs(args.pairs)
     if not (Path(args.out) / "manifest.json").exists():
         raise ValueError(f"no screen in {args.out}: run `refusal-circuits screen --model {args.model} "
                          f"--pairs {args.pairs} --out {args.out}` first (the cipher stage tests that screen's gate).")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    manifest = cipher_screen(model, pairs, args.out, n_pairs=args.n_pairs, positions=args.positions, top_k=args.top_k,
+    manifest = cipher_screen(model, Path(args.pairs), args.out, n_pairs=args.n_pairs, positions=args.positions, top_k=args.top_k,
                              max_new_tokens=args.max_new_tokens, n_random=args.n_random, seed=args.seed,
                              progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
     print(f"wrote {args.out}/cipher/interchange.csv, collapse.csv, rescue.csv, manifest.json "
           f"({manifest['n_pairs']} pairs, {manifest['timings_s']['total']:.0f} s)")
     print(cipher_line(manifest))
     return 0
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse reports anything else in one line, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def _quiet_libraries() -> None:
@@ -158,38 +159,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show library warnings and logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("refusal-rate", help="greedy completions + substring refusal flags for a CSV of prompts")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    # the options every model command shares, declared once
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id in the cache, or a folder")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
+    common.add_argument("--dtype", default="float32")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    seeded = argparse.ArgumentParser(add_help=False)
+    seeded.add_argument("--seed", type=int, default=0)
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("refusal-rate", parents=[common],
+                       help="greedy completions + substring refusal flags for a CSV of prompts")
     p.add_argument("--prompts", required=True, help="CSV file with one prompt per row")
     p.add_argument("--column", default="instruction")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    p.add_argument("--batch-size", type=_at_least(1), default=16)
     p.add_argument("--out", default=None, help="output CSV (default: next to the prompts)")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_refusal_rate)
 
-    o = sub.add_parser("organism", help="train and evaluate the refusal organism's LoRA adapter")
+    o = sub.add_parser("organism", parents=[quiet], help="train and evaluate the refusal organism's LoRA adapter")
     o.add_argument("--out", default=None, help="output folder (default data/organism)")
-    o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=_organism)
 
-    c = sub.add_parser("organism-check", help="retrain the organism into a scratch folder and compare its "
-                                              "evaluation and weights with the committed one")
+    c = sub.add_parser("organism-check", parents=[quiet],
+                       help="retrain the organism into a scratch folder and compare its evaluation and weights "
+                            "with the committed one")
     c.add_argument("--out", default="build/organism-check", help="scratch folder for the retrained organism")
     c.add_argument("--reference", default=None, help="organism folder to compare with (default data/organism)")
     c.add_argument("--skip-training", action="store_true", help="only compare (--out already trained)")
-    c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_organism_check)
 
-    s = sub.add_parser("screen", help="find the gate head: interchange of every head (NLL metric), head DLA "
-                                      "and per-head ablation on matched pairs; writes DIR/interchange.csv, head_dla.csv, "
-                                      "manifest.json and resumes when restarted")
-    s.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id in the cache, or a folder")
+    s = sub.add_parser("screen", parents=[common, seeded],
+                       help="find the gate head: interchange of every head (NLL metric), head DLA and per-head "
+                            "ablation on matched pairs; writes DIR/interchange.csv, head_dla.csv, manifest.json "
+                            "and resumes when restarted")
     s.add_argument("--pairs", required=True, help="CSV with 'sensitive' and 'control' columns (optional pair_id, category)")
     s.add_argument("--out", required=True, help="output folder (one per model)")
-    s.add_argument("--n-pairs", type=int, default=None, help="pairs to use, in a seeded order (default: all)")
+    s.add_argument("--n-pairs", type=_at_least(1), default=None, help="pairs to use, in a seeded order (default: all)")
     s.add_argument("--positions", "--align", dest="positions", choices=POSITION_CHOICES, default="prompt",
                    help="which positions the interchange swaps: prompt (default: the prompts aligned from their "
                         "ends, target tokens never swapped), last (the last prompt position), paper (the paper's "
@@ -197,32 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--method", choices=["exact", "attribution"], default="exact",
                    help="exact: batched interchange of every head; attribution: a gradient estimate for every "
                         "head, then the exact interchange of its top-k")
-    s.add_argument("--top-k", type=int, default=10,
+    s.add_argument("--top-k", type=_at_least(1), default=10,
                    help="heads the attribution screen confirms exactly (and heads listed before the gate line)")
-    s.add_argument("--bottom-k", type=int, default=5,
+    s.add_argument("--bottom-k", type=_at_least(0), default=5,
                    help="the attribution screen also confirms exactly its K most negative heads")
     s.add_argument("--no-ablation", action="store_true", help="skip the per-head directional ablation")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_screen)
 
-    c = sub.add_parser("cipher", help="the cipher stage: the screen's gate and top heads on cipher-encoded sensitive "
-                                      "prompts (interchange collapse) and the rescue; writes DIR/cipher/")
-    c.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, Hugging Face id in the cache, or a folder")
+    c = sub.add_parser("cipher", parents=[common, seeded],
+                       help="the cipher stage: the screen's gate and top heads on cipher-encoded sensitive "
+                            "prompts (interchange collapse) and the rescue; writes DIR/cipher/")
     c.add_argument("--pairs", required=True, help="the screen's pair CSV")
     c.add_argument("--out", required=True, help="the model's screen folder (written by `screen`)")
-    c.add_argument("--n-pairs", type=int, default=None, help="pairs (default: the screen's)")
+    c.add_argument("--n-pairs", type=_at_least(1), default=None, help="pairs (default: the screen's)")
     c.add_argument("--positions", "--align", dest="positions", choices=POSITION_CHOICES, default=None,
                    help="default: the screen's")
-    c.add_argument("--top-k", type=int, default=5, help="heads tested: the gate and the screen's next best")
-    c.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per rescue generation")
-    c.add_argument("--n-random", type=int, default=10, help="random heads for the rescue control")
-    c.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
-    c.add_argument("--dtype", default="float32")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--top-k", type=_at_least(1), default=5, help="heads tested: the gate and the screen's next best")
+    c.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="greedy tokens per rescue generation")
+    c.add_argument("--n-random", type=_at_least(0), default=10, help="random heads for the rescue control")
     c.set_defaults(func=_cipher)
 
     args = parser.parse_args(argv)

@@ -26,16 +26,38 @@ class PairAlignmentError(ValueError):
     """Pairs that do not align token for token under a model's tokenizer."""
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+def read_table(path: str | Path, what: str = "CSV file", columns: Sequence[str] = (),
+               hint: str = "") -> pd.DataFrame:
+    """Read a user's CSV (all cells as written, no NaN for empty cells). Every way it can be unusable
+    raises one readable error naming the file: ``FileNotFoundError`` when it is missing, ``ValueError``
+    when it is not UTF-8 text, not a CSV, empty, or lacks one of ``columns`` (``hint`` says the fix)."""
+    path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Dataset {path} is missing; it ships with the repository (git checkout).")
-    df = pd.read_csv(path, keep_default_na=False)
+        raise FileNotFoundError(f"{what} {path} does not exist.")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a CSV file.")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}); save it as a UTF-8 CSV.") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{what} {path} is empty.") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{what} {path} is not a readable CSV ({str(err).strip().splitlines()[-1]}).") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; it has {list(df.columns)}.")
+        raise ValueError(f"{what} {path} has no column(s) {missing}; its columns are {list(df.columns)}."
+                         + (f" {hint}" if hint else ""))
     if len(df) == 0:
-        raise ValueError(f"{path} has no rows.")
+        raise ValueError(f"{what} {path} has no rows.")
     return df
+
+
+def _dataset(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset {path} is missing; it ships with the repository (git checkout).")
+    return read_table(path, "dataset", columns)
 
 
 def load_instructions(kind: Literal["harmful", "harmless"], split: str | None = None,
@@ -44,7 +66,7 @@ def load_instructions(kind: Literal["harmful", "harmless"], split: str | None = 
     ``n`` rows of it (the order in the file is a fixed seeded shuffle)."""
     if kind not in ("harmful", "harmless"):
         raise ValueError(f"kind must be 'harmful' or 'harmless', got {kind!r}.")
-    df = _read_csv(Path(data_dir) / f"{kind}.csv", ["instruction", "category", "split"])
+    df = _dataset(Path(data_dir) / f"{kind}.csv", ["instruction", "category", "split"])
     if split is not None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -58,12 +80,12 @@ def load_instructions(kind: Literal["harmful", "harmless"], split: str | None = 
 
 def load_toy_pairs(data_dir: Path = DATA_DIR) -> pd.DataFrame:
     """Toy pairs: ``pair_id, harmful, harmless, category``."""
-    return _read_csv(Path(data_dir) / "toy_pairs.csv", ["pair_id", "harmful", "harmless", "category"])
+    return _dataset(Path(data_dir) / "toy_pairs.csv", ["pair_id", "harmful", "harmless", "category"])
 
 
 def load_safety_pairs(data_dir: Path = DATA_DIR) -> pd.DataFrame:
     """Gate-amplifier style matched pairs: ``pair_id, sensitive, control, category``."""
-    return _read_csv(Path(data_dir) / "safety_pairs.csv", ["pair_id", "sensitive", "control", "category"])
+    return _dataset(Path(data_dir) / "safety_pairs.csv", ["pair_id", "sensitive", "control", "category"])
 
 
 def data_hash(*frames: pd.DataFrame) -> str:

@@ -35,6 +35,7 @@ import torch
 from . import engine as E
 from . import hooks, stats
 from .batching import cached_runs
+from .data import read_table
 from .models import ChatModel
 from .results import Checkpoint, run_parts
 
@@ -50,16 +51,11 @@ def load_pairs(path: str | Path) -> pd.DataFrame:
     """A CSV of matched pairs: columns ``sensitive`` and ``control`` (required), ``pair_id`` and
     ``category`` (optional; a ``pair_id`` is made from the row number when missing)."""
     path = Path(path)
-    if not path.exists():
-        raise PairsError(f"Pair file {path} does not exist.")
     try:
-        df = pd.read_csv(path, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise PairsError(f"Pair file {path} is empty.") from None
-    missing = [c for c in PAIR_COLUMNS if c not in df.columns]
-    if missing:
-        raise PairsError(f"{path} has no {' or '.join(repr(c) for c in missing)} column; it needs 'sensitive' and "
-                         f"'control' (optional 'pair_id', 'category'); its columns are {list(df.columns)}.")
+        df = read_table(path, "pair file", PAIR_COLUMNS,
+                        hint="A pair file needs 'sensitive' and 'control' (optional 'pair_id', 'category').")
+    except (FileNotFoundError, ValueError) as err:
+        raise PairsError(str(err)) from None
     df = df[(df.sensitive.astype(str).str.strip() != "") & (df.control.astype(str).str.strip() != "")]
     if len(df) == 0:
         raise PairsError(f"Pair file {path} has no pairs (no row with both a sensitive and a control prompt).")

@@ -17,10 +17,9 @@ import re
 
 from transformer_lens.utilities.components_utils import get_act_name
 
-__all__ = ["act_name", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "block_out", "z",
+__all__ = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "block_out", "z",
            "pattern", "final_resid", "final_norm_scale", "post_attn_norm_scale", "layer_of", "BLOCK_OUTPUTS"]
 
-act_name = get_act_name
 
 #: the two block outputs written to the residual stream, by their short names
 BLOCK_OUTPUTS = ("attn", "mlp")

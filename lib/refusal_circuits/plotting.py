@@ -1,13 +1,18 @@
-"""One small plotting module: a shared style and one way of saving figures.
+"""One small plotting module: a shared style and one way of saving and showing figures.
 
 :func:`save_figure` writes ``figures/<model>/<name>.html`` (sharing one ``plotly.min.js`` per folder, so
 the repository stays light) and a PNG when a Chrome/Chromium is available for kaleido. A PNG that could
 not be refreshed (no Chrome, or the export failed) is removed rather than left beside a newer HTML
 figure that it no longer matches.
+
+:func:`show` returns a :class:`FigureView`: in a notebook it is stored as the interactive Plotly figure
+*and* the same PNG, so JupyterLab shows the interactive one and a code host, nbviewer or nbconvert
+without JavaScript shows the image.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +45,10 @@ def chrome_path() -> str | None:
 def save_figure(fig: go.Figure, name: str, model_slug: str, png: bool | None = None) -> Path:
     """Save ``fig`` as ``figures/<model_slug>/<name>.html`` (+ ``.png`` when a Chrome is found).
     Returns the HTML path."""
+    return _save(fig, name, model_slug, png)[0]
+
+
+def _save(fig: go.Figure, name: str, model_slug: str, png: bool | None = None) -> tuple[Path, bytes | None]:
     global _png_note_shown
     out = figures_dir() / model_slug
     out.mkdir(parents=True, exist_ok=True)
@@ -47,26 +56,101 @@ def save_figure(fig: go.Figure, name: str, model_slug: str, png: bool | None = N
     fig.write_html(html, include_plotlyjs="directory", full_html=True)
     png_path = out / f"{name}.png"
     want_png = png if png is not None else os.environ.get("REFUSAL_PNG", "1") != "0"
-    refreshed = False
+    image = None
     if want_png and chrome_path():
         try:
-            fig.write_image(png_path, scale=1.5)
-            refreshed = True
+            image = fig.to_image(format="png", scale=1.5)
+            png_path.write_bytes(image)
         except Exception as err:  # a broken Chrome should not lose the HTML figure
             print(f"PNG export failed ({type(err).__name__}); HTML written to {html}")
+            image = None
     elif want_png and not _png_note_shown:
         print("No Chrome/Chromium found: writing interactive HTML figures only, and removing PNGs they "
               "replace (apt-get install chromium for PNGs).")
         _png_note_shown = True
-    if not refreshed and png_path.exists():
+    if image is None and png_path.exists():
         png_path.unlink()  # an old PNG would silently disagree with the new HTML figure
-    return html
+    return html, image
 
 
-def show(fig: go.Figure, name: str, model_slug: str) -> go.Figure:
-    """Save the figure, then return it so the notebook displays it."""
-    save_figure(fig, name, model_slug)
+class FigureView:
+    """What :func:`show` returns: the figure, displayed as interactive Plotly JSON plus its PNG.
+
+    Attribute access goes to the Plotly figure (``view.data``, ``view.layout``); ``view.show()``
+    displays it from inside a loop."""
+
+    def __init__(self, fig: go.Figure, png: bytes | None, html: Path):
+        self.fig, self.png, self.html = fig, png, html
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # never IPython's display hooks (``_ipython_display_``, ``_repr_html_``...)
+            raise AttributeError(name)
+        return getattr(self.fig, name)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = {"application/vnd.plotly.v1+json": self.fig.to_plotly_json(),
+                  "text/plain": f"<figure {self.html.name}: {self.fig.layout.title.text or ''}>"}
+        if self.png is not None:
+            bundle["image/png"] = base64.b64encode(self.png).decode("ascii")
+        return bundle
+
+    def show(self) -> None:
+        from IPython.display import display
+        display(self)
+
+
+def wrap_title(text: str, width: int) -> str:
+    """``text`` broken with ``<br>`` so that no line is longer than ``width`` characters."""
+    import textwrap
+
+    if not text or "<br>" in text or len(text) <= width:
+        return text
+    return "<br>".join(textwrap.wrap(text, width))
+
+
+def tidy(fig: go.Figure) -> go.Figure:
+    """What every saved figure gets: a title wrapped to the figure's width (nothing cut off, the top
+    margin grown to fit) and axes that make room for their tick labels (nothing clipped)."""
+    width = fig.layout.width or 820
+    title = fig.layout.title.text or ""
+    wrapped = wrap_title(title, max(40, int(width / 8.5)))
+    if wrapped != title:
+        lines = wrapped.count("<br>") + 1
+        top = fig.layout.margin.t if fig.layout.margin.t is not None else 60
+        fig.update_layout(title_text=wrapped, margin_t=max(top, 30 + 22 * lines))
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
+
+
+def group_colors(groups, ordered: bool = False) -> dict:
+    """A colour per group: the study's fixed colours (harmful, harmless, attn, mlp...) where they apply,
+    otherwise a qualitative palette of 24 distinct colours, or, for ``ordered`` groups (layers), a
+    sequential scale from dark to light so the order reads off the colour."""
+    import plotly.colors as pc
+
+    groups = [str(g) for g in groups]
+    if ordered:
+        if len(groups) == 1:
+            return {groups[0]: pc.sample_colorscale("Viridis", [0.0])[0]}
+        return dict(zip(groups, pc.sample_colorscale("Viridis", [0.9 * i / (len(groups) - 1) for i in range(len(groups))])))
+    palette = pc.qualitative.Dark24
+    out, k = {}, 0
+    for g in groups:
+        fixed = COLORS.get(g.split()[0]) if g.split() else None
+        if fixed and fixed not in out.values():
+            out[g] = fixed
+        else:
+            out[g] = palette[k % len(palette)]
+            k += 1
+    return out
+
+
+def show(fig: go.Figure, name: str, model_slug: str) -> FigureView:
+    """Tidy the figure (:func:`tidy`), save it (HTML, and PNG when a Chrome is found), then return it
+    for the notebook to display, as Plotly JSON with the PNG beside it."""
+    html, image = _save(tidy(fig), name, model_slug)
+    return FigureView(fig, image, html)
 
 
 def hover_lines(**cols) -> str:
@@ -134,13 +218,15 @@ def heatmap(df, x: str, y: str, value: str, title: str, x_label: str, y_label: s
 
 
 def lines_with_band(df, x: str, value: str, group: str, title: str, x_label: str, y_label: str,
-                    band: str = "std") -> go.Figure:
-    """Mean of ``value`` against ``x`` per ``group``, with a ±1 std (or ``band="sem"``) band."""
+                    band: str = "std", ordered: bool = False) -> go.Figure:
+    """Mean of ``value`` against ``x`` per ``group``, with a ±1 std (or ``band="sem"``) band in the
+    line's colour (:func:`group_colors`; ``ordered`` groups get a sequential scale)."""
     fig = go.Figure()
+    colors = group_colors(df[group].drop_duplicates(), ordered)
     for g, sub in df.groupby(group, sort=False):
         stats = sub.groupby(x)[value].agg(["mean", "std", "count"]).reset_index()
-        spread = stats["std"] if band == "std" else stats["std"] / stats["count"] ** 0.5
-        color = COLORS.get(str(g).split()[0])
+        spread = stats["std"].fillna(0.0) if band == "std" else stats["std"].fillna(0.0) / stats["count"] ** 0.5
+        color = colors[str(g)]
         xs = list(stats[x]) + list(stats[x])[::-1]
         ys = list(stats["mean"] + spread) + list(stats["mean"] - spread)[::-1]
         fig.add_trace(go.Scatter(x=xs, y=ys, fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
@@ -214,7 +300,7 @@ def pattern_grid(model, pairs, heads, pair: int = 0, half: str = "harmful", titl
         _, cache = model.bridge.run_with_cache(toks[None], names_filter=lambda n: n in names)
     cols = min(3, len(heads))
     rows = -(-len(heads) // cols)
-    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.12, vertical_spacing=0.12,
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.14, vertical_spacing=0.26 if rows > 1 else 0.1,
                         subplot_titles=[f"{c}: L{l}H{h}" for c, (l, h) in heads])
     for k, (cls, (l, h)) in enumerate(heads):
         a = cache[hooks.pattern(l)][0, h].float().cpu().numpy()
@@ -225,7 +311,7 @@ def pattern_grid(model, pairs, heads, pair: int = 0, half: str = "harmful", titl
                          tickfont=dict(size=7))
         fig.update_xaxes(title_text=f"key position (subject: {labels[subject]})", row=k // cols + 1,
                          col=k % cols + 1, tickfont=dict(size=7))
-    fig.update_layout(title=title, width=380 * cols + 120, height=380 * rows + 100)
+    fig.update_layout(title=title, width=400 * cols + 140, height=460 * rows + 120)
     return fig
 
 
@@ -285,14 +371,21 @@ def panel_figure(panel, y: str, title: str, y_label: str) -> go.Figure:
     """The cross-model panel: ``y`` against model size (log scale), the paper's models and ours as two
     series; hover names the model and its gate."""
     fig = go.Figure()
+    # labels alternate above / below / beside the points, in size order, so neighbours do not overprint
+    spots = ["top center", "bottom center", "middle right", "middle left"]
+    order = panel.params_b.rank(method="first").astype(int)
     for source, sub in panel.groupby("source", sort=False):
         fig.add_trace(go.Scatter(
             x=sub.params_b, y=sub[y], mode="markers+text", name=source, text=sub.model.str.split("/").str[-1],
-            textposition="top center", textfont=dict(size=9),
+            textposition=[spots[order[i] % len(spots)] for i in sub.index], textfont=dict(size=9), cliponaxis=False,
             marker=dict(size=11, color=HARMFUL_COLOR if source.startswith("ours") else "#1f77b4"),
             customdata=sub[["model", "gate"]].values,
             hovertemplate="%{customdata[0]}<br>gate %{customdata[1]}<br>" + y_label + " %{y:.2f}<br>"
                           "%{x:.2f}B parameters<extra>" + source + "</extra>"))
+    import numpy as np
+
+    lo, hi = np.log10(panel.params_b.min()), np.log10(panel.params_b.max())
+    pad = 0.15 * max(hi - lo, 1.0)  # room for the labels of the smallest and largest model
     fig.update_layout(title=title, xaxis_title="parameters (billions, log scale)", yaxis_title=y_label,
-                      xaxis_type="log")
+                      xaxis_type="log", xaxis_range=[lo - pad, hi + pad], margin=dict(l=80, r=60))
     return fig

@@ -120,3 +120,42 @@ def show(experiment: str, ours: dict, our_model: str, model: str | None = None) 
     w_ours = max(4, max(len(o) for o in table.ours))
     for q, o, r, s in table.itertuples(index=False):
         print(f"  {q:<{width}}  {o:<{w_ours}}  | {r}   [{s}]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Conclusions: claim by claim, each a stated test that can fail
+# ------------------------------------------------------------------------------------------------
+
+HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "not testable here"
+
+
+class Conclusion:
+    """The claims a notebook tests, printed as its conclusion.
+
+    ``add(claim, ours, criterion, ok)`` records one claim: ``ours`` is our number (with the reference
+    beside it, from the table), ``criterion`` the test stated before the number, ``ok`` its outcome.
+    ``precondition=(holds, why)`` turns the verdict into "not testable here (why)" when the claim cannot
+    be asked of this model (``ok`` is then not consulted, so it may be None)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, claim: str, ours: str, criterion: str, ok: bool | None,
+            precondition: tuple[bool, str] = (True, "")) -> str:
+        testable, why = precondition
+        if not testable:
+            verdict = f"{UNTESTABLE} ({why})" if why else UNTESTABLE
+        elif ok is None:
+            raise ValueError(f"claim {claim!r} is testable but has no outcome: pass ok=True/False or a failing precondition.")
+        else:
+            verdict = HOLDS if bool(ok) else FAILS
+        self.rows.append({"claim": claim, "ours": ours, "criterion": criterion, "verdict": verdict})
+        return verdict
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["claim", "ours", "criterion", "verdict"])
+
+    def show(self) -> None:
+        """Print one line per claim: the claim, our number, the criterion, the verdict."""
+        for r in self.rows:
+            print(f"- {r['claim']}: {r['ours']}. Criterion: {r['criterion']}. → {r['verdict']}")

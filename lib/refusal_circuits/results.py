@@ -33,6 +33,28 @@ from .batching import progress as progress_bar
 from .paths import results_dir, slug
 
 
+#: The version of each analysis's saved results, by result name. Bump an entry when the computation behind
+#: that name changes (a fixed metric, a new convention) without its parameters changing: tables saved by
+#: the old computation are then no longer reused (they stay on disk under their old key). Version 1 is
+#: the original key, so a first bump needs no migration. A name not listed here has version 1.
+ANALYSIS_VERSIONS: dict[str, int] = {name: 1 for name in (
+    # 01-05
+    "toy_metric", "baseline_metrics", "baseline_generations", "metric_agreement", "direction_candidates",
+    "direction_scores", "refusal_direction", "direction_generations", "resid_denoising", "block_noising",
+    "grouped_noising", "clamp_sweep", "self_repair", "head_scores", "head_class_patching", "class_generations",
+    "class_generations_base", "format_plain", "format_patched", "component_dla", "logit_lens_dla",
+    # 06-07 and the screen
+    "necessity", "sufficiency", "atp_necessity", "atp_sufficiency", "necessity_top", "sufficiency_top",
+    "ablation", "gaps", "knockout_cascade", "dose_response", "dose_response_paper", "cipher_contrast",
+    "rescue", "behaviour",
+)}
+
+
+def analysis_version(name: str) -> int:
+    """The version of the analysis that saves results under ``name`` (:data:`ANALYSIS_VERSIONS`)."""
+    return ANALYSIS_VERSIONS.get(name, 1)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -82,11 +104,18 @@ class ResultsStore:
         return cls(slug(model.name), fingerprint=model.meta.get("fingerprint", ""), **kwargs)
 
     def path(self, name: str, params: dict, suffix: str = ".parquet") -> Path:
-        key = params_key({**params, "_weights": self.fingerprint} if self.fingerprint else params)
-        return self.root / f"{name}-{key}{suffix}"
+        """Where ``(name, params)`` is saved: the key hashes the parameters, the weights' fingerprint and
+        (from version 2 on) the analysis version, so any of them changing means a new file."""
+        keyed = dict(params)
+        if self.fingerprint:
+            keyed["_weights"] = self.fingerprint
+        if analysis_version(name) != 1:
+            keyed["_version"] = analysis_version(name)
+        return self.root / f"{name}-{params_key(keyed)}{suffix}"
 
     def _manifest(self, name: str, params: dict, **extra) -> None:
-        info = {"name": name, "model": self.model, "weights": self.fingerprint, "params": params,
+        info = {"name": name, "version": analysis_version(name), "model": self.model,
+                "weights": self.fingerprint, "params": params,
                 "versions": package_versions(), "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
         text = json.dumps(info, indent=2, default=str)
         atomic_write(self.path(name, params, ".json"), lambda p: Path(p).write_text(text))

@@ -1,5 +1,10 @@
 """Execute the numbered notebooks with papermill (``make figures``).
 
+Each notebook is a pair: ``notebooks/NN_name.py`` (the source, jupytext percent format) and
+``NN_name.ipynb`` (the executed write-up). The runner builds the notebook from the ``.py`` source and
+executes that, so the committed ``.ipynb`` is only ever written by executing its source;
+:func:`source_mismatches` is the check ``make test`` runs on every pair.
+
 On the default model the committed notebooks are refreshed in place (their outputs are the write-up a
 reader sees); with another model, executed copies go to ``figures/<model>/notebooks/`` and the committed
 notebooks are left alone. Per-notebook wall times are printed and saved to ``figures/<model>/timings.csv``.
@@ -25,13 +30,55 @@ from .models import DEFAULT_MODEL, ModelLoadError, check_model
 from .paths import NOTEBOOK_DIR, REPO_ROOT, figures_dir, slug
 
 
+KERNELSPEC = {"display_name": "Python 3 (refusal-circuits)", "language": "python", "name": "python3"}
+
+
 def notebooks(only: str | None = None) -> list[Path]:
-    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    """The executed notebooks (``.ipynb``) whose ``.py`` sources exist, in order."""
+    found = [p.with_suffix(".ipynb") for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))]
     if only:
         found = [p for p in found if p.name.startswith(only) or p.stem == only]
         if not found:
             raise SystemExit(f"error: no notebook matches {only!r} in {NOTEBOOK_DIR}.")
     return found
+
+
+def source_notebook(source: Path):
+    """The unexecuted notebook built from a ``.py`` source (jupytext percent format)."""
+    import jupytext
+
+    nb = jupytext.read(source)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def _cell_key(cell) -> tuple[str, str, tuple[str, ...]]:
+    return cell.cell_type, cell.source.strip("\n"), tuple(cell.metadata.get("tags", []))
+
+
+def source_mismatches(notebook: Path, source: Path | None = None) -> list[str]:
+    """Where the executed ``notebook`` and its ``.py`` source (default: beside it) disagree (kind, text
+    or tags of a cell); papermill's injected-parameters cell is skipped. Empty when they agree."""
+    import nbformat
+
+    source = source or notebook.with_suffix(".py")
+    if not source.exists():
+        return [f"{notebook.name}: no source {source.name}"]
+    if not notebook.exists():
+        return [f"{notebook.name}: not executed yet (make figures NOTEBOOK={notebook.name[:2]})"]
+    src = [_cell_key(c) for c in source_notebook(source).cells]
+    ran = [_cell_key(c) for c in nbformat.read(notebook, as_version=4).cells
+           if "injected-parameters" not in c.metadata.get("tags", [])]
+    problems = []
+    if len(src) != len(ran):
+        problems.append(f"{notebook.name}: {len(ran)} cells, its source has {len(src)}")
+    for i, (a, b) in enumerate(zip(src, ran)):
+        if a != b:
+            what = "kind" if a[0] != b[0] else "tags" if a[2] != b[2] else "text"
+            first = next((ln for ln in a[1].splitlines() if ln.strip()), "")[:60]
+            problems.append(f"{notebook.name}: cell {i} ({first!r}) differs from its source in {what}")
+    return problems
 
 
 def _last_line(text: str) -> str:
@@ -55,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    import nbformat
     import pandas as pd
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -75,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         shown = target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target
         print(f"[figures] {nb.name} on {args.model} ({args.device}) -> {shown}", flush=True)
         t0 = time.time()
+        source = staging / f"{nb.stem}.source.ipynb"
+        nbformat.write(source_notebook(nb.with_suffix(".py")), source)
         try:
-            pm.execute_notebook(str(nb), str(partial), parameters=params, cwd=str(NOTEBOOK_DIR),
+            pm.execute_notebook(str(source), str(partial), parameters=params, cwd=str(NOTEBOOK_DIR),
                                 progress_bar=False, log_output=False, kernel_name="python3")
         except PapermillExecutionError as err:
             # papermill inserts its "injected-parameters" cell after the parameters cell: count without it

@@ -9,23 +9,38 @@ defaults: the defaults live here.
 =====================  ======================================  ====================================
 stage                  artifact                                made by / used by
 =====================  ======================================  ====================================
-``refusal_direction``  difference-of-means direction, its      notebook 02 / 03, 04, 05, ...
+``refusal_direction``  difference-of-means direction, its      notebook 02 / 03, 04, 05, 06, 07
                        layer and position, candidate scores
+``transfer``           where the subject's information moves   notebook 03 / 03 (clamp, self-repair),
+                       to the last position (residual          04 (head-class window)
+                       denoising), and the windows derived
+                       from it
 =====================  ======================================  ====================================
 
-The head classes, the gate and its amplifiers, and the cipher key join this table as their notebooks
-land; :data:`STAGES` lists what is here.
+The windows that the seed write-up chose for Gemma-2b-it (the middle third for head classes, the
+direction's layer for clamping, every layer for self-repair) come from the model's own results here;
+the Gemma choices stay available as notebook parameters. The gate screen keeps its own folder
+(:mod:`refusal_circuits.screen`). :data:`STAGES` lists the stages.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from .data import data_hash, load_instructions
+import pandas as pd
+
+from . import patching
+from .data import align_pairs, data_hash, load_instructions, load_toy_pairs
 from .direction import DirectionChoice, candidate_directions, select_direction
 from .models import ChatModel
 from .results import ResultsStore
+
+
+def _require_positive(params, names: tuple[str, ...]) -> None:
+    for name in names:
+        if int(getattr(params, name)) < 1:
+            raise ValueError(f"{type(params).__name__}.{name} must be >= 1, got {getattr(params, name)}.")
 
 
 @dataclass(frozen=True)
@@ -44,9 +59,7 @@ class DirectionParams:
     max_layer_frac: float = 0.8
 
     def __post_init__(self):
-        for name in ("n_train", "n_val", "layer_stride"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"DirectionParams.{name} must be >= 1, got {getattr(self, name)}.")
+        _require_positive(self, ("n_train", "n_val", "layer_stride"))
         if not 0 < self.max_layer_frac <= 1:
             raise ValueError(f"DirectionParams.max_layer_frac must be in (0, 1], got {self.max_layer_frac}.")
 
@@ -90,5 +103,134 @@ def refusal_direction(model: ChatModel, store: ResultsStore | None = None,
     return choice
 
 
+@dataclass(frozen=True)
+class TransferParams:
+    """Canonical parameters of the transfer stage.
+
+    Residual denoising on ``n_pairs`` toy pairs at every layer and every position from one before the
+    subject to the last. A position *carries* the harmful information at a layer when patching it
+    alone restores at least ``high`` of the harmful metric; the head-class window is the layers whose
+    output raises the last position's restoration from ``low`` to ``high`` (the heads that move the
+    information), widened downwards to ``min_width`` layers."""
+
+    n_pairs: int = 8
+    low: float = 0.1
+    high: float = 0.5
+    min_width: int = 3
+    max_batch: int = 64
+
+    def __post_init__(self):
+        if not 0 <= self.low < self.high <= 1:
+            raise ValueError(f"TransferParams needs 0 <= low < high <= 1, got low={self.low}, high={self.high}.")
+        _require_positive(self, ("n_pairs", "min_width", "max_batch"))
+
+
+@dataclass
+class Transfer:
+    """Where a model moves the subject's information to the last position, and the windows that follow.
+
+    Attributes:
+        table: residual denoising summarised per ``(layer, position)``: ``fraction`` of the harmful
+            metric restored (bootstrap ``lo``/``hi``), positions counted from the end.
+        subject_position: the subject's position from the end (the most common one among the pairs).
+        subject_until: the last layer at which patching the subject position alone restores >= high
+            (None: never).
+        last_from: the first layer at which patching the last position alone restores >= high (None:
+            never): from here on the last position carries the information.
+        window: the head-class window: layers ``[first layer where the last position restores >= low,
+            last_from)`` shifted down by one (a layer's output first shows in the next ``resid_pre``),
+            widened downwards to ``min_width``; the middle third when ``last_from`` is None.
+        clamp_layer: where clamping the last position's refusal component can act alone: ``last_from``
+            (the direction's own layer when ``last_from`` is None).
+        self_repair_layers: the layers at which the component is zeroed for self-repair: from
+            ``clamp_layer`` to the last layer (the component's carrier range); recovery is read at the
+            final residual.
+        reasons: one sentence per choice, printed by the notebooks.
+        params: the stage parameters and data hash (the key of the saved sweep).
+    """
+
+    table: pd.DataFrame
+    subject_position: int
+    subject_until: int | None
+    last_from: int | None
+    window: list[int]
+    clamp_layer: int
+    self_repair_layers: list[int]
+    reasons: dict[str, str] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+def transfer_windows(table: pd.DataFrame, subject_position: int, n_layers: int, params: TransferParams,
+                     fallback_layer: Callable[[], int]) -> dict:
+    """The choices of :class:`Transfer` from a summarised residual-denoising ``table`` (pure: tested on
+    tables whose answer is known). ``fallback_layer()`` gives the clamp layer when the last position
+    never carries the information (it is called only then)."""
+    grid = table.pivot_table(index="layer", columns="position", values="fraction")
+    last = grid[-1] if -1 in grid.columns else pd.Series(dtype=float)
+    subj = grid[subject_position] if subject_position in grid.columns else pd.Series(dtype=float)
+    subject_until = int(subj[subj >= params.high].index.max()) if (subj >= params.high).any() else None
+    last_from = int(last[last >= params.high].index.min()) if (last >= params.high).any() else None
+    reasons = {}
+    if last_from is None:
+        third = list(layer_thirds(n_layers)[1])
+        window = third
+        reasons["window"] = (f"the last position never restores >= {params.high:.0%} of the harmful metric, so no "
+                             f"transfer layer is found; the middle third L{third[0]}-L{third[-1]} (the write-up's "
+                             "choice) is used instead")
+        clamp = int(fallback_layer())
+        reasons["clamp"] = (f"no layer where the last position alone carries the information; the direction's "
+                            f"layer L{clamp} is used")
+    else:
+        rising = last[(last >= params.low) & (last.index <= last_from)]
+        start = int(rising.index.min())
+        lo, hi = max(start - 1, 0), max(last_from - 1, 0)
+        lo = max(0, min(lo, hi - params.min_width + 1))
+        window = list(range(lo, hi + 1))
+        reasons["window"] = (f"patching the last position restores >= {params.low:.0%} from resid_pre L{start} and "
+                             f">= {params.high:.0%} from L{last_from}, so the heads that move the information sit in "
+                             f"layers L{max(start - 1, 0)}-L{hi}" + (f", widened to {params.min_width} layers"
+                                                                      if hi - max(start - 1, 0) + 1 < params.min_width else ""))
+        clamp = last_from
+        reasons["clamp"] = (f"from L{last_from} the last position alone carries the harmful information "
+                            f"(restores >= {params.high:.0%}), so a clamp there can act without the subject position"
+                            + (f" (the subject position carries it up to L{subject_until})" if subject_until is not None else ""))
+    repair = list(range(clamp, n_layers))
+    reasons["self_repair"] = (f"the component is zeroed at L{repair[0]}-L{repair[-1]}, where the last position carries "
+                              "it, and its recovery is read at the final residual")
+    return {"subject_until": subject_until, "last_from": last_from, "window": window, "clamp_layer": clamp,
+            "self_repair_layers": repair, "reasons": reasons}
+
+
+def layer_thirds(n_layers: int) -> list[range]:
+    """Early / middle / late thirds of ``n_layers`` (the write-up's layer groups)."""
+    from .models import layer_groups
+
+    return layer_groups(n_layers, min(3, n_layers))
+
+
+def transfer(model: ChatModel, store: ResultsStore | None = None, params: TransferParams | None = None,
+             progress: bool = True, **overrides) -> Transfer:
+    """The model's transfer stage: residual denoising of the toy pairs at every layer and position from
+    one before the subject to the last (loaded when saved with the same parameters, data and weights;
+    a resumable sweep otherwise), and the windows derived from it (:func:`transfer_windows`)."""
+    store = store or ResultsStore.for_model(model)
+    p = replace(params or TransferParams(), **overrides)
+    toy = load_toy_pairs()
+    aligned = align_pairs(model, toy).subset(p.n_pairs)
+    if len(aligned) == 0:
+        raise ValueError(f"no toy pair aligns under {model.name}'s tokenizer: the transfer stage needs aligned pairs.")
+    first = int(aligned.pairs.subject_from_end.min()) - 1
+    positions = list(range(first, 0))
+    key = {**asdict(p), "data": data_hash(toy), "pairs": list(aligned.pairs.pair_id), "positions": positions}
+    raw = patching.patch_sweep(model, aligned, patching.resid_patches(model, positions), "denoising",
+                               max_batch=p.max_batch, progress=progress,
+                               checkpoint=store.checkpoint("resid_denoising", key))
+    table = patching.summarise(raw, by=("layer", "position"))
+    subject = int(aligned.pairs.subject_from_end.mode()[0])
+    chosen = transfer_windows(table, subject, model.n_layers, p,
+                              lambda: refusal_direction(model, store, progress=progress).layer)
+    return Transfer(table=table, subject_position=subject, params=key, **chosen)
+
+
 #: every stage by name: ``STAGES["refusal_direction"](model)``
-STAGES: dict[str, Callable[..., object]] = {"refusal_direction": refusal_direction}
+STAGES: dict[str, Callable[..., object]] = {"refusal_direction": refusal_direction, "transfer": transfer}

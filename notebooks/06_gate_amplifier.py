@@ -1,39 +1,31 @@
-"""Builds notebooks/06_gate_amplifier.ipynb from the cells below (``python notebooks/drafts/make_06_gate_amplifier.py``);
-``make figures NOTEBOOK=06`` then executes it. Edit the cells here, rebuild, re-execute."""
-import sys
-from pathlib import Path
-sys.path.insert(0, str(Path(__file__).parent))
-from nbtools import SETUP, build
+# %% [markdown]
+# # 06 — The gate and its amplifiers: interchange over every head, and what output DLA misses
+#
+# "How Alignment Routes" (Frank 2026, arXiv 2604.04385) finds refusal routed through a sparse circuit: a
+# mid-depth **gate** head, found by per-head *interchange*, feeds later **amplifier** heads, and the gate is
+# nearly invisible to output-level DLA. This notebook runs every experiment of that paper except the cipher
+# (notebook 07) on matched pairs, with the paper's NLL metric (`docs/methods.md`, "06_gate_amplifier"):
+#
+# * **target tokens**: the control prompt's first ≤ 5 greedy reply tokens (special tokens dropped);
+#   **NLL(prompt)** = their mean teacher-forced NLL after the prompt; **gap** = NLL(sensitive) − NLL(control);
+# * **necessity** = NLL(sensitive) − NLL(sensitive with the head's `z` from the control run); **sufficiency**
+#   = NLL(control with `z` from the sensitive run) − NLL(control); both as % of the mean gap;
+# * **gate** = the head with the largest necessity % + sufficiency %.
+#
+# **Which positions are swapped** is a named choice (`rc.engine.POSITIONS`). By default (`prompt`) the two
+# prompts are aligned from their ends and only *prompt* positions are swapped: both runs read the same target
+# tokens with their own activations, so a head is credited only for what it carries out of the prompt. We
+# also report `last` (only the last prompt position, where the decision is read), `paper` (the paper's code:
+# the source prompt copied onto the first positions of the target run, counted from the start) and, as a
+# diagnostic, `answer` (target-token positions swapped too — our old default, which credits heads that merely
+# continue the answer in progress).
+#
+# The paper screened about ten DLA candidates per model; we screen **every** head: an attribution-patching
+# estimate for all of them, then the exact interchange of every head that could matter — the estimate's
+# `TOP_K` best *and* its `BOTTOM_K` most negative — on `N_PAIRS` pairs. The gate is chosen among the exact
+# heads; `refusal-circuits screen --method exact` gives every head exactly.
 
-cells = [
-("md", """
-# 06 — The gate and its amplifiers: interchange over every head, and what output DLA misses
-
-"How Alignment Routes" (Frank 2026, arXiv 2604.04385) finds refusal routed through a sparse circuit: a
-mid-depth **gate** head, found by per-head *interchange*, feeds later **amplifier** heads, and the gate is
-nearly invisible to output-level DLA. This notebook runs every experiment of that paper except the cipher
-(notebook 07) on matched pairs, with the paper's NLL metric (`docs/methods.md`, "06_gate_amplifier"):
-
-* **target tokens**: the control prompt's first ≤ 5 greedy reply tokens (special tokens dropped);
-  **NLL(prompt)** = their mean teacher-forced NLL after the prompt; **gap** = NLL(sensitive) − NLL(control);
-* **necessity** = NLL(sensitive) − NLL(sensitive with the head's `z` from the control run); **sufficiency**
-  = NLL(control with `z` from the sensitive run) − NLL(control); both as % of the mean gap;
-* **gate** = the head with the largest necessity % + sufficiency %.
-
-**Which positions are swapped** is a named choice (`rc.engine.POSITIONS`). By default (`prompt`) the two
-prompts are aligned from their ends and only *prompt* positions are swapped: both runs read the same target
-tokens with their own activations, so a head is credited only for what it carries out of the prompt. We
-also report `last` (only the last prompt position, where the decision is read), `paper` (the paper's code:
-the source prompt copied onto the first positions of the target run, counted from the start) and, as a
-diagnostic, `answer` (target-token positions swapped too — our old default, which credits heads that merely
-continue the answer in progress).
-
-The paper screened about ten DLA candidates per model; we screen **every** head: an attribution-patching
-estimate for all of them, then the exact interchange of every head that could matter — the estimate's
-`TOP_K` best *and* its `BOTTOM_K` most negative — on `N_PAIRS` pairs. The gate is chosen among the exact
-heads; `refusal-circuits screen --method exact` gives every head exactly.
-"""),
-("params", """
+# %% tags=["parameters"]
 MODEL = "smollm2-135m-refusal"
 DEVICE = "cpu"
 DTYPE = "float32"
@@ -56,18 +48,25 @@ DOSE_PAPER_FRACTION = 0.2               # the paper's steering site, at one frac
 DOSE_PAIRS = 16
 DOSE_TOKENS = 64
 SEED = 0
-"""),
-("code", SETUP),
-("md", """
-## The screen
 
-`rc.screen.screen` is what `refusal-circuits screen` runs: it writes this model's screen folder under
-`results/screen/<model>/` — `interchange.csv` (one row per head, with the `method` that produced it and the
-family-wise p of the exact heads), `attribution.csv`, `head_dla.csv`, `ablation.csv`, `pairs.csv`,
-`manifest.json` (with the statistics) — saving each sweep's parts as they finish, so the panel below and
-any script read the same files, and a killed run resumes.
-"""),
-("code", """
+# %%
+# %load_ext autoreload
+# %autoreload 2
+import numpy as np, pandas as pd, torch
+import refusal_circuits as rc
+from refusal_circuits.plotting import show
+model, store = rc.open_notebook(MODEL, DEVICE, DTYPE, SEED)
+
+# %% [markdown]
+# ## The screen
+#
+# `rc.screen.screen` is what `refusal-circuits screen` runs: it writes this model's screen folder under
+# `results/screen/<model>/` — `interchange.csv` (one row per head, with the `method` that produced it and the
+# family-wise p of the exact heads), `attribution.csv`, `head_dla.csv`, `ablation.csv`, `pairs.csv`,
+# `manifest.json` (with the statistics) — saving each sweep's parts as they finish, so the panel below and
+# any script read the same files, and a killed run resumes.
+
+# %%
 G, R = rc.gate, rc.routing
 screen_dir = rc.paths.results_dir() / "screen" / model.slug
 manifest = rc.screen.screen(model, PAIRS, screen_dir, n_pairs=N_PAIRS, positions=POSITIONS, method=METHOD,
@@ -84,8 +83,8 @@ gate = manifest["gate"]
 gate_head = (gate["layer"], gate["head"])
 gate_label = f"L{gate['layer']}H{gate['head']}"
 pairs[["pair_id", "category", "sensitive", "control", "target", "gap"]].head(3)
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 diff_len = int((pairs.n_sensitive != pairs.n_control).sum())
 print(f"{len(pairs)} pairs ({diff_len} with prompts of different token lengths); target tokens per pair: "
@@ -94,34 +93,34 @@ print(f"NLL gap (sensitive − control): mean {pairs.gap.mean():.2f}, positive f
 print(f"screen: positions={manifest['positions']}, method={manifest['method']}, {manifest['n_exact_heads']} of "
       f"{len(table)} heads by exact interchange (the estimate's top {TOP_K} and bottom {BOTTOM_K}, and the best of the "
       f"paper's depth band)")
-"""),
-("code", """
+
+# %%
 fig = rc.plotting.distribution_figure(pairs.assign(kind="all pairs"), "gap", "kind", hover="sensitive",
         title=f"NLL gap per pair — {model.name}", value_label="NLL(sensitive) − NLL(control)")
 show(fig, "06_nll_gap", model.slug)
-"""),
-("md", """
-## Necessity and sufficiency of every head
 
-Each cell is one query head (the slice of `hook_z`, the input of the output projection, that belongs to it:
-SmolLM2's 9 query heads share 3 key/value heads). Squares mark the exact values; the other cells are the
-attribution estimate.
-"""),
-("code", """
+# %% [markdown]
+# ## Necessity and sufficiency of every head
+#
+# Each cell is one query head (the slice of `hook_z`, the input of the output projection, that belongs to it:
+# SmolLM2's 9 query heads share 3 key/value heads). Squares mark the exact values; the other cells are the
+# attribution estimate.
+
+# %%
 for col, name in (("necessity_pct", "necessity"), ("sufficiency_pct", "sufficiency")):
     fig = rc.plotting.heatmap(table, "head", "layer", col, colorbar="% of gap", marked="exact", marked_name="exact interchange",
             title=f"Interchange {name} per head (% of the mean NLL gap, positions={POSITIONS}) — {model.name}",
             x_label="query head", y_label="layer")
     show(fig, f"06_interchange_{name}", model.slug).show()
-"""),
-("md", """
-### The estimate against the exact interchange
 
-Attribution patching linearises each head's interchange around the run it patches; the exact confirmation
-decides. The bottom of the estimate is confirmed too: a head whose swap *raises* the refusal NLL matters as
-much to the routing picture as one that lowers it.
-"""),
-("code", """
+# %% [markdown]
+# ### The estimate against the exact interchange
+#
+# Attribution patching linearises each head's interchange around the run it patches; the exact confirmation
+# decides. The bottom of the estimate is confirmed too: a head whose swap *raises* the refusal NLL matters as
+# much to the routing picture as one that lowers it.
+
+# %%
 # NBVAL_CHECK_OUTPUT
 est = pd.read_csv(screen_dir / "attribution.csv")
 conf = label(table[table.exact].merge(est, on=["layer", "head"], suffixes=("", "_estimate"))).sort_values(
@@ -132,16 +131,16 @@ for r in conf.itertuples():
           f"  (necessity {r.necessity_pct:6.2f}, sufficiency {r.sufficiency_pct:6.2f})  p_fwer {r.p_fwer:.4f}")
 print(f"Spearman correlation of estimate and exact over these heads: "
       f"{conf[['combined', 'combined_estimate']].corr(method='spearman').iloc[0, 1]:.2f}")
-"""),
-("md", """
-## Which positions? The gate under `prompt`, `last`, `paper` and the `answer` diagnostic
 
-The same screen with the other position modes (written to `results/screen-positions/`, so the panel reads
-only the default), each with its own estimate and its top `TOP_K` confirmed exactly. For the diagnostic we
-swap the target positions too on the default's confirmed heads (and the diagnostic's own top five) and
-report the share of each head's effect that comes from the target positions.
-"""),
-("code", """
+# %% [markdown]
+# ## Which positions? The gate under `prompt`, `last`, `paper` and the `answer` diagnostic
+#
+# The same screen with the other position modes (written to `results/screen-positions/`, so the panel reads
+# only the default), each with its own estimate and its top `TOP_K` confirmed exactly. For the diagnostic we
+# swap the target positions too on the default's confirmed heads (and the diagnostic's own top five) and
+# report the share of each head's effect that comes from the target positions.
+
+# %%
 modes = {POSITIONS: (manifest, table)}
 for pos in COMPARE:
     d = rc.paths.results_dir() / "screen-positions" / f"{model.slug}-{pos}"
@@ -158,8 +157,8 @@ diag_key = {"pairs": list(map(str, gp.pairs.pair_id)), "heads": diag_heads}
 answer = G.summarise(*(G.interchange(model, gp, d, "answer", heads=diag_heads, max_batch=MAX_BATCH, progress=False,
                                      checkpoint=store.checkpoint(f"answer_{d}", diag_key))
                        for d in ("necessity", "sufficiency")), gap)
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 tops = {}
 for pos, (m, t) in modes.items():
@@ -177,8 +176,8 @@ for pos in COMPARE:
 ans = label(answer).sort_values("combined", ascending=False)
 print(f"positions=answer (diagnostic) gate among {len(ans)} heads: {ans.label.iloc[0]} ({ans.combined.iloc[0]:.1f}%); "
       f"top 5: " + ", ".join(f"{l} ({c:.1f})" for l, c in zip(ans.label[:5], ans.combined[:5])))
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 have = set(zip(conf.layer, conf["head"]))
 missing = [h for h in diag_heads if h not in have]     # the diagnostic's own top heads, not yet exact under POSITIONS
@@ -194,22 +193,22 @@ print("share of each head's answer-diagnostic effect that comes from swapping th
 for r in share.head(8).itertuples():
     print(f"  {r.label:7s} answer {r.combined_answer:6.2f}%  prompt only {r.combined_prompt:6.2f}%  "
           f"from target positions {r.target_share:6.0%}  (layer {r.layer} of {model.n_layers})")
-"""),
-("md", """
-## Is the gate real, and does it stand out?
 
-Three tests over the exactly measured heads (`rc.gate.gate_statistics`), each of which can fail:
+# %% [markdown]
+# ## Is the gate real, and does it stand out?
+#
+# Three tests over the exactly measured heads (`rc.gate.gate_statistics`), each of which can fail:
+#
+# * **family-wise permutation test** (the paper's kind): per pair, the head's combined score; one random sign
+#   per pair flips every head's score at once, and a head's p is the share of 10,000 flips whose *largest*
+#   head mean reaches it (max-T: corrected for having picked the best of many heads; with 48 pairs the
+#   smallest p it can give is 1/10,001);
+# * **stability** of the top-5 set: mean Jaccard index against the full-sample set over 2,000 bootstrap
+#   resamples of the pairs (the paper: 1.0 for interchange on Qwen3-8B), and how often the gate comes first;
+# * **stands out**: the gate's combined score minus the runner-up's, with a paired bootstrap 95% interval; the
+#   gate stands out only if the interval excludes zero.
 
-* **family-wise permutation test** (the paper's kind): per pair, the head's combined score; one random sign
-  per pair flips every head's score at once, and a head's p is the share of 10,000 flips whose *largest*
-  head mean reaches it (max-T: corrected for having picked the best of many heads; with 48 pairs the
-  smallest p it can give is 1/10,001);
-* **stability** of the top-5 set: mean Jaccard index against the full-sample set over 2,000 bootstrap
-  resamples of the pairs (the paper: 1.0 for interchange on Qwen3-8B), and how often the gate comes first;
-* **stands out**: the gate's combined score minus the runner-up's, with a paired bootstrap 95% interval; the
-  gate stands out only if the interval excludes zero.
-"""),
-("code", """
+# %%
 # NBVAL_CHECK_OUTPUT
 st = manifest["statistics"]
 print(f"gate {st['gate']} vs runner-up {st['runner_up']} among {st['n_heads']} exact heads, {st['n_pairs']} pairs")
@@ -223,17 +222,17 @@ rc.reference.show("statistics", {"family-wise permutation p (gate)": st["gate_p_
                                  "bootstrap Jaccard (interchange top set)": st["jaccard_mean"],
                                  "n permutations": st["n_perm"], "bootstrap resamples": st["n_boot"]},
                   model.name, model="Qwen/Qwen3-8B")
-"""),
-("md", """
-## What output DLA sees
 
-Each head's output at the last prompt position, through the final norm linearised with that run's scale,
-dotted with `mean(W_U[refusal tokens]) − W_U[answer]`; score = mean over pairs of DLA(sensitive) −
-DLA(control), bootstrap 95% intervals. The paper screened the top 20 heads by |DLA| in the 25–65% depth
-band; we rank every head and place each head's rank by |DLA| against its rank by interchange (exact heads
-and estimates together).
-"""),
-("code", """
+# %% [markdown]
+# ## What output DLA sees
+#
+# Each head's output at the last prompt position, through the final norm linearised with that run's scale,
+# dotted with `mean(W_U[refusal tokens]) − W_U[answer]`; score = mean over pairs of DLA(sensitive) −
+# DLA(control), bootstrap 95% intervals. The paper screened the top 20 heads by |DLA| in the 25–65% depth
+# band; we rank every head and place each head's rank by |DLA| against its rank by interchange (exact heads
+# and estimates together).
+
+# %%
 ranks = table.merge(head_dla, on=["layer", "head"])
 ranks["dla_rank"] = ranks.dla.abs().rank(ascending=False, method="first").astype(int)
 ranks["interchange_rank"] = ranks.combined.rank(ascending=False, method="first").astype(int)
@@ -241,8 +240,8 @@ fig = rc.plotting.rank_scatter(ranks, "dla_rank", "interchange_rank", "label", g
         title=f"Rank by |output DLA| vs rank by interchange (gate starred) — {model.name}",
         x_label="rank by |output DLA| (1 = largest)", y_label="rank by necessity % + sufficiency %")
 show(fig, "06_dla_vs_interchange_rank", model.slug)
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 band = G.depth_band(model.n_layers)
 in_band = ranks[ranks.layer.isin(band)].sort_values("dla_rank").head(20)
@@ -255,43 +254,43 @@ print(f"Spearman correlation of the two rankings over all heads: "
       f"{ranks[['dla_rank', 'interchange_rank']].corr(method='spearman').iloc[0, 1]:.2f}")
 rc.reference.show("gate_dla_rank", {"gate rank by |output DLA|": int(g_row.dla_rank), "n_heads": len(ranks)},
                   model.name)
-"""),
-("md", """
-## Per-head directional ablation
 
-`d` = the mean difference (sensitive − control) of the residual stream entering layer `L // 2` at the last
-prompt position. For each head, `u_h = lstsq(W_O[h], d)` normalised, and `z_h ← z_h − 5 (z_h · u_h) u_h` at
-every position; score = the NLL reduction of the control's answer after the sensitive prompt. The screen
-ablates the paper's candidates (top 20 |DLA| heads in the depth band) and the top interchange heads.
-"""),
-("code", """
+# %% [markdown]
+# ## Per-head directional ablation
+#
+# `d` = the mean difference (sensitive − control) of the residual stream entering layer `L // 2` at the last
+# prompt position. For each head, `u_h = lstsq(W_O[h], d)` normalised, and `z_h ← z_h − 5 (z_h · u_h) u_h` at
+# every position; score = the NLL reduction of the control's answer after the sensitive prompt. The screen
+# ablates the paper's candidates (top 20 |DLA| heads in the depth band) and the top interchange heads.
+
+# %%
 abl = label(pd.read_csv(screen_dir / "ablation.csv"))
 fig = rc.plotting.bars(abl.head(15).assign(kind=np.where(abl.head(15).label == gate_label, "gate", "other head")),
         "label", "reduction", "kind", title=f"Per-head directional ablation along d (α = 5): NLL reduction — {model.name}",
         x_label="head (strongest 15 of the candidates)", y_label="NLL reduction on the sensitive prompts")
 show(fig, "06_head_ablation", model.slug)
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 a_gate = abl[abl.label == gate_label].iloc[0]
 print(f"{len(abl)} candidate heads; strongest ablation {abl.label[0]}: NLL reduction {abl.reduction[0]:.3f} "
       f"({abl.reduction_pct[0]:.1f}% of the gap)")
 print(f"the gate {gate_label}: reduction {a_gate.reduction:.3f} ({a_gate.reduction_pct:.1f}% of the gap), rank {a_gate['rank']}")
 rc.reference.show("ablation", {"top head": abl.label[0], "top NLL reduction": float(abl.reduction[0])}, model.name)
-"""),
-("md", """
-## Knockout cascade: does the declared gate feed the amplifiers?
 
-Zero the gate's `z` at every position of both prompts and recompute the output DLA (sensitive − control) of
-its amplifiers; change % = (KO − normal) / |normal|. Amplifiers by two rules: **ours**, the top |DLA| heads
-*after* the gate's layer, and **the paper's kind**, the top |DLA| heads of its 25–65% depth band either side
-of the gate (its published amplifiers were picked by hand from that band). "Suppressed" is counted both
-ways: change % < 0 (the paper's count) and |DLA| moved toward zero. The null knocks out `N_RANDOM` random
-heads of the layers nearest the gate instead (the window widens until it holds them). Statistic: the mean
-|change %| over the amplifiers; p = (1 + #null ≥ gate) / (1 + #null). A rule with no amplifier (a gate in
-the last layer has nothing after it) is reported as not testable.
-"""),
-("code", """
+# %% [markdown]
+# ## Knockout cascade: does the declared gate feed the amplifiers?
+#
+# Zero the gate's `z` at every position of both prompts and recompute the output DLA (sensitive − control) of
+# its amplifiers; change % = (KO − normal) / |normal|. Amplifiers by two rules: **ours**, the top |DLA| heads
+# *after* the gate's layer, and **the paper's kind**, the top |DLA| heads of its 25–65% depth band either side
+# of the gate (its published amplifiers were picked by hand from that band). "Suppressed" is counted both
+# ways: change % < 0 (the paper's count) and |DLA| moved toward zero. The null knocks out `N_RANDOM` random
+# heads of the layers nearest the gate instead (the window widens until it holds them). Statistic: the mean
+# |change %| over the amplifiers; p = (1 + #null ≥ gate) / (1 + #null). A rule with no amplifier (a gate in
+# the last layer has nothing after it) is reported as not testable.
+
+# %%
 ko_gp = gp.subset(range(min(N_KO_PAIRS, len(gp))))
 ko_key = {"pairs": list(map(str, ko_gp.pairs.pair_id)), "gate": list(gate_head), "k": N_AMPLIFIERS,
           "n_random": N_RANDOM, "seed": SEED}
@@ -309,8 +308,8 @@ fig = rc.plotting.null_histogram(null, ko[rule]["gate_change_pct"], gate_label,
         title=f"Mean |change| of the amplifiers' DLA: {gate_label} vs {len(null)} random nearby heads — {model.name}",
         x_label="mean |change %| over the amplifiers", unit="random heads", nbins=25)
 show(fig, "06_knockout_null", model.slug)
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 for r, k in ko.items():
     if not k["testable"]:
@@ -325,20 +324,20 @@ rc.reference.show("knockout_cascade", {
     "amplifiers suppressed": f"{ko[rule]['suppressed_signed']} of {ko[rule]['n_amplifiers']}",
     "gate knockout change %": ko[rule]["gate_change_pct"], "random knockout change % (mean)": ko[rule]["random_mean_pct"],
     "random knockout change % (sd)": ko[rule]["random_sd_pop_pct"]}, model.name, model="Qwen/Qwen3-8B")
-"""),
-("md", """
-## Dose–response along the detection direction
 
-Steer along `d` (unit length): `−α·d` on the sensitive prompts (attenuation), `+α·d` on the controls
-(amplification), at every position, generated tokens included, `DOSE_TOKENS` greedy tokens. Ours adds to
-the residual *entering* `L // 2`, where `d` was measured; the paper's code adds to that layer's *output*
-(`resid_pre[L // 2 + 1]`), which we run at one fraction beside it. α = fraction × the mean residual norm
-there, so the same fractions mean the same push on any model (the paper's grid is α ∈ {0, 5, …, 50} in its
-models' units). Every generation is classed **refusal / compliance / degenerate**
-(`rc.routing.classify_generations`): degenerate = empty, more than half its word 3-grams repeated, or a mean
-per-token NLL above 4 nats under the unsteered model — broken text is never counted as "refusal removed".
-"""),
-("code", """
+# %% [markdown]
+# ## Dose–response along the detection direction
+#
+# Steer along `d` (unit length): `−α·d` on the sensitive prompts (attenuation), `+α·d` on the controls
+# (amplification), at every position, generated tokens included, `DOSE_TOKENS` greedy tokens. Ours adds to
+# the residual *entering* `L // 2`, where `d` was measured; the paper's code adds to that layer's *output*
+# (`resid_pre[L // 2 + 1]`), which we run at one fraction beside it. α = fraction × the mean residual norm
+# there, so the same fractions mean the same push on any model (the paper's grid is α ∈ {0, 5, …, 50} in its
+# models' units). Every generation is classed **refusal / compliance / degenerate**
+# (`rc.routing.classify_generations`): degenerate = empty, more than half its word 3-grams repeated, or a mean
+# per-token NLL above 4 nats under the unsteered model — broken text is never counted as "refusal removed".
+
+# %%
 det = R.detection_direction(model, gp)
 dose_gp = gp.subset(range(min(DOSE_PAIRS, len(gp))))
 dose_key = {"pairs": list(map(str, dose_gp.pairs.pair_id)), "layer": det.layer, "fractions": list(DOSE_FRACTIONS),
@@ -357,8 +356,8 @@ fig = rc.plotting.lines_with_band(dose.assign(refused=(dose.response == "refusal
         title=f"Dose–response at layer {det.layer}: share classed refusal — {model.name}",
         x_label="α / mean residual norm", y_label="share of generations classed refusal")
 show(fig, "06_dose_response", model.slug)
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 print(f"detection layer {det.layer}: mean residual norm {det.resid_norm:.1f}, |mean difference| {det.diff_norm:.1f}")
 print(rates.set_index(["kind", "fraction"])[["refusal_rate", "refusal", "compliance", "degenerate"]].round(2).to_string())
@@ -371,32 +370,55 @@ rc.reference.show("dose_response", {
     "attenuation refused at α=0": count("sensitive", 0.0), "attenuation refused at α=50": count("sensitive", max(DOSE_FRACTIONS)),
     "amplification refused at α=0": count("control", 0.0), "amplification refused at α=50": count("control", max(DOSE_FRACTIONS))},
     model.name, model="Qwen/Qwen3-8B")
-"""),
-("code", """
+
+# %%
 dose[(dose.fraction == max(DOSE_FRACTIONS))][["kind", "instruction", "completion", "response", "nll"]].head(4)
-"""),
-("md", """
-## The panel
 
-Every screen folder under `results/screen/` (this notebook's, and any written by `refusal-circuits screen`),
-beside the paper's twelve published gates (layer counts, sizes and gates from `data/reference_numbers.csv`).
-To add a model, run one screen per model — independent jobs, e.g. on a cluster:
+# %% [markdown]
+# ## Where this notebook meets 02 and 04
+#
+# Notebook 04 classes heads by their attention on the toy pairs (a **direct** head attends from the last
+# position to the subject); notebook 02's `r̂` is a difference of means like the detection direction `d`
+# here, but on other prompts and at another layer. Are the gate and the top interchange heads direct heads,
+# and how close are the two directions?
 
-    refusal-circuits screen --model Qwen/Qwen2.5-7B-Instruct --pairs data/safety_pairs.csv \\\\
-        --out results/screen/Qwen--Qwen2.5-7B-Instruct --device cuda --dtype bfloat16
-    refusal-circuits screen --model meta-llama/Llama-3.3-70B-Instruct ... --device auto   # several GPUs
+# %%
+# NBVAL_CHECK_OUTPUT
+toy = rc.align_pairs(model, rc.load_toy_pairs())
+top_heads = table[table.exact].sort_values("combined", ascending=False).head(5)
+meet_layers = sorted({int(l) for l in top_heads.layer} | {gate["layer"]})
+meet = rc.heads.classify_heads(rc.heads.summarise_scores(rc.heads.head_scores(model, toy, meet_layers)))
+meet = meet.assign(label="L" + meet.layer.astype(str) + "H" + meet["head"].astype(str)).set_index("label")
+for lab in dict.fromkeys([gate_label, *top_heads.label]):
+    r = meet.loc[lab]
+    print(f"{lab}{' (gate)' if lab == gate_label else ''}: notebook 04's class {r['class']} "
+          f"(direct {r.direct_mean:.2f}, diagonal {r.diagonal_mean:.2f}, BOS {r.BOS_mean:.2f})")
+r_hat = rc.stages.refusal_direction(model, store)
+cos_d = float(torch.nn.functional.cosine_similarity(det.direction.float(), r_hat.unit.float().cpu(), dim=0))
+print(f"cos(d at L{det.layer}, notebook 02's r̂ at L{r_hat.layer}) = {cos_d:.2f}")
 
-and rerun this section. (The paper's necessity % comes from ~10 candidate heads per model and its `paper`
-positions; ours from every head, `prompt` positions.)
-"""),
-("code", """
+# %% [markdown]
+# ## The panel
+#
+# Every screen folder under `results/screen/` (this notebook's, and any written by `refusal-circuits screen`),
+# beside the paper's twelve published gates (layer counts, sizes and gates from `data/reference_numbers.csv`).
+# To add a model, run one screen per model — independent jobs, e.g. on a cluster:
+#
+#     refusal-circuits screen --model Qwen/Qwen2.5-7B-Instruct --pairs data/safety_pairs.csv \\
+#         --out results/screen/Qwen--Qwen2.5-7B-Instruct --device cuda --dtype bfloat16
+#     refusal-circuits screen --model meta-llama/Llama-3.3-70B-Instruct ... --device auto   # several GPUs
+#
+# and rerun this section. (The paper's necessity % comes from ~10 candidate heads per model and its `paper`
+# positions; ours from every head, `prompt` positions.)
+
+# %%
 ours = rc.screen.read_screens(rc.paths.results_dir() / "screen").assign(source="ours (every head)")
 ref = rc.reference.reference_table()
 wide = lambda exp: ref[ref.experiment == exp].pivot_table(index="model", columns="quantity", values="value", aggfunc="first")
 paper = wide("panel").join(wide("gate")).join(wide("ablation")).reset_index()
 paper = pd.DataFrame({"model": paper.model, "layers": paper.layers.astype(int), "heads": paper.heads.astype(int),
                       "params_b": paper["params (B)"].astype(float), "gate": paper.gate,
-                      "gate_layer": paper.gate.str.extract(r"L(\\d+)H")[0].astype(int),
+                      "gate_layer": paper.gate.str.extract(r"L(\d+)H")[0].astype(int),
                       "necessity_pct": paper["necessity %"].astype(float),
                       "ablation_top_reduction": pd.to_numeric(paper["top NLL reduction"]),
                       "source": "paper (arXiv 2604.04385)"})
@@ -409,88 +431,85 @@ for col, title, ylab in (
          "NLL reduction (strongest head)")):
     fig = rc.plotting.panel_figure(panel.dropna(subset=[col]), col, title=title, y_label=ylab)
     show(fig, f"06_panel_{col}", model.slug).show()
-"""),
-("code", """
+
+# %%
 # NBVAL_CHECK_OUTPUT
 print(panel[["source", "model", "layers", "heads", "gate", "necessity_pct", "ablation_top_reduction"]]
       .round(3).fillna("—").to_string(index=False))
-"""),
-("md", """
-## Conclusions
 
-Each claim of the paper, tested on this model: our number beside the paper's (from the reference table),
-the criterion, and the verdict. Every criterion is stated before its number and can come out either way; a
-claim whose precondition fails here is "not testable here". The organism is a 135M model fine-tuned to
-refuse, so a claim that fails is a finding about it, not a failure of the method.
-"""),
-("code", """
+
+# %% [markdown]
+# ## Conclusions
+#
+# Each claim of the paper, tested on this model: our number beside the paper's (from the reference table),
+# the criterion, and the verdict. Every criterion is stated before its number and can come out either way; a
+# claim whose precondition fails here is "not testable here". The organism is a 135M model fine-tuned to
+# refuse, so a claim that fails is a finding about it, not a failure of the method.
+
+# %%
 # NBVAL_CHECK_OUTPUT
-def verdict(ok, testable=True):
-    return "not testable here" if not testable else "holds" if ok else "does not hold"
+C = rc.reference.Conclusion()
 ref_nec = [float(v) for v in ref[(ref.experiment == "gate") & (ref.quantity == "necessity %")].value]
 depth = gate["layer"] / (model.n_layers - 1)
-claims = []
-claims.append(("a single head stands out as the gate",
+C.add("a single head stands out as the gate",
     f"gate {gate_label} minus runner-up {st['runner_up']}: {st['margin_pct']:.2f} points, 95% CI {st['margin_lo']:.2f}…{st['margin_hi']:.2f}",
-    "the interval excludes 0", verdict(st["stands_out"])))
-claims.append(("the gate survives a family-wise test",
+    "the interval excludes 0", st["stands_out"])
+C.add("the gate survives a family-wise test",
     f"p_fwer {st['gate_p_fwer']:.4f} over {st['n_heads']} exact heads (Qwen3-8B: {rc.reference.value('statistics', 'family-wise permutation p (gate)'):g})",
-    "p_fwer ≤ 0.01", verdict(st["gate_p_fwer"] <= 0.01)))
-claims.append(("the top set is stable under resampling of the pairs",
+    "p_fwer ≤ 0.01", st["gate_p_fwer"] <= 0.01)
+C.add("the top set is stable under resampling of the pairs",
     f"top-{st['k']} Jaccard {st['jaccard_mean']:.2f} (Qwen3-8B: {rc.reference.value('statistics', 'bootstrap Jaccard (interchange top set)'):g})",
-    "mean Jaccard ≥ 0.8", verdict(st["jaccard_mean"] >= 0.8)))
-claims.append(("its necessity is a few % of the gap",
+    "mean Jaccard ≥ 0.8", st["jaccard_mean"] >= 0.8)
+C.add("its necessity is a few % of the gap",
     f"{gate['necessity_pct']:.1f}% (paper {min(ref_nec):.1f}–{max(ref_nec):.1f}%)",
-    "0.5% ≤ necessity ≤ 20%", verdict(0.5 <= gate["necessity_pct"] <= 20)))
-claims.append(("the gate sits at mid depth, not at the output",
+    "0.5% ≤ necessity ≤ 20%", 0.5 <= gate["necessity_pct"] <= 20)
+C.add("the gate sits at mid depth, not at the output",
     f"L{gate['layer']} of {model.n_layers} = {depth:.0%} of the depth (paper {paper.gate_depth.min():.0%}–{paper.gate_depth.max():.0%})",
-    "between 25% and 90% of the depth", verdict(0.25 <= depth <= 0.9)))
-claims.append(("the gate is invisible to output DLA",
+    "between 25% and 90% of the depth", 0.25 <= depth <= 0.9)
+C.add("the gate is invisible to output DLA",
     f"rank {g_row.dla_rank} of {len(ranks)} by |DLA| (Qwen3-8B's saved table: "
     f"{rc.reference.value('gate_dla_rank', 'gate rank by |output DLA| (saved table)'):.0f} of {rc.reference.value('gate_dla_rank', 'n_heads'):.0f})",
-    "outside the top 10% of heads by |DLA|", verdict(g_row.dla_rank > 0.1 * len(ranks))))
-claims.append(("... and a DLA screen of the paper's kind would miss it",
+    "outside the top 10% of heads by |DLA|", g_row.dla_rank > 0.1 * len(ranks))
+C.add("... and a DLA screen of the paper's kind would miss it",
     (f"rank {list(in_band.label).index(gate_label) + 1} among the top 20 |DLA| heads of the 25–65% band"
      if gate_label in set(in_band.label) else "not among the top 20 |DLA| heads of the 25–65% band"),
-    "not among the paper's 20 DLA candidates", verdict(gate_label not in set(in_band.label))))
+    "not among the paper's 20 DLA candidates", gate_label not in set(in_band.label))
 old = share.iloc[0]
-claims.append(("the answer diagnostic's top head is an artifact of patching the answer",
+C.add("the answer diagnostic's top head is an artifact of patching the answer",
     f"{old.label}: {old.combined_answer:.1f}% with target positions swapped, {old.combined_prompt:.1f}% without "
     f"({old.target_share:.0%} from the target positions)", "more than half of its effect from the target positions",
-    verdict(old.target_share > 0.5)))
-claims.append(("the gate does not depend on which positions are swapped",
+    old.target_share > 0.5)
+C.add("the gate does not depend on which positions are swapped",
     ", ".join(f"{p}: {t[0]}" for p, t in tops.items()), "the same gate under prompt, last and paper",
-    verdict(len({t[0] for t in tops.values()}) == 1)))
+    len({t[0] for t in tops.values()}) == 1)
 for r, k in ko.items():
-    claims.append((f"knocking out the gate suppresses its amplifiers ({r})",
+    C.add(f"knocking out the gate suppresses its amplifiers ({r})",
         f"{k['suppressed_signed']} of {k['n_amplifiers']} by sign (Qwen3-8B {rc.reference.value('knockout_cascade', 'amplifiers suppressed', 'Qwen/Qwen3-8B')})",
-        "more than half suppressed by sign", verdict(k["suppressed_signed"] > k["n_amplifiers"] / 2, k["testable"])))
-    claims.append((f"... more than random nearby heads do ({r})",
+        "more than half suppressed by sign", k["suppressed_signed"] > k["n_amplifiers"] / 2, precondition=(k["testable"], "no amplifier in the window, or no null heads"))
+    C.add(f"... more than random nearby heads do ({r})",
         f"{k['gate_change_pct']:.1f}% vs {k['random_mean_pct']:.1f} ± {k['random_sd_pop_pct']:.1f}%, p = {k['p_random_ge_gate']:.3f}",
-        f"p ≤ 0.05 against {k['n_random']} null heads", verdict(k["p_random_ge_gate"] <= 0.05, k["testable"])))
+        f"p ≤ 0.05 against {k['n_random']} null heads", k["p_random_ge_gate"] <= 0.05, precondition=(k["testable"], "no amplifier in the window, or no null heads"))
 r = rates.set_index(["kind", "fraction"])
 lo, hi = min(DOSE_FRACTIONS), max(DOSE_FRACTIONS)
-claims.append(("removing d turns refusal into compliance",
+C.add("removing d turns refusal into compliance",
     f"sensitive prompts: compliance {r.compliance['sensitive', lo]:.0%} → {r.compliance['sensitive', hi]:.0%}, "
     f"degenerate {r.degenerate['sensitive', lo]:.0%} → {r.degenerate['sensitive', hi]:.0%}",
-    "compliance rises and exceeds the degenerate share", verdict(r.compliance["sensitive", hi] > r.compliance["sensitive", lo]
-                                                                   and r.compliance["sensitive", hi] > r.degenerate["sensitive", hi])))
-claims.append(("adding d makes the controls refuse",
+    "compliance rises and exceeds the degenerate share", r.compliance["sensitive", hi] > r.compliance["sensitive", lo]
+                                                                   and r.compliance["sensitive", hi] > r.degenerate["sensitive", hi])
+C.add("adding d makes the controls refuse",
     f"controls classed refusal: {r.refusal['control', lo]:.0%} → {r.refusal['control', hi]:.0%}",
-    "the refusal share rises", verdict(r.refusal["control", hi] > r.refusal["control", lo])))
-for c, ours_, crit, v in claims:
-    print(f"- {c}: {ours_}. Criterion: {crit}. → {v}")
-"""),
-("md", """
-How to read these against each other. The `answer` diagnostic asks how much of a head's apparent effect
-comes from swapping the answer in progress rather than anything the head carries out of the prompt; the
-share printed above decides whether the old default's top head was routing or continuation. `prompt` and
-`paper` differ only on pairs of unequal length, so their agreement says little on a corpus of mostly
-equal-length pairs; `last` is the strict test of what reaches the decision position. Where a verdict above
-does not hold, the numbers beside it say by how much. Notebook 04's direct heads, notebook 02's direction
-and this notebook's detection direction meet here: the per-head ablation uses the detection direction, and
-the gate's rank there is printed with it.
-"""),
-]
-build(Path(__file__).parents[1] / "06_gate_amplifier.ipynb", cells)
-print("built")
+    "the refusal share rises", r.refusal["control", hi] > r.refusal["control", lo])
+C.add("the gate is one of notebook 04's direct heads (it moves the subject to the last position)",
+    f"{gate_label}: class {meet.loc[gate_label, 'class']}, direct score {meet.loc[gate_label, 'direct_mean']:.2f}",
+    "direct score ≥ 0.2 (notebook 04's threshold)", meet.loc[gate_label, "direct_mean"] >= 0.2)
+C.show()
+
+# %% [markdown]
+# How to read these against each other. The `answer` diagnostic asks how much of a head's apparent effect
+# comes from swapping the answer in progress rather than anything the head carries out of the prompt; the
+# share printed above decides whether the old default's top head was routing or continuation. `prompt` and
+# `paper` differ only on pairs of unequal length, so their agreement says little on a corpus of mostly
+# equal-length pairs; `last` is the strict test of what reaches the decision position. Where a verdict above
+# does not hold, the numbers beside it say by how much. Notebook 04's direct heads, notebook 02's direction
+# and this notebook's detection direction meet here: the per-head ablation uses the detection direction, and
+# the gate's rank there is printed with it.
