@@ -82,6 +82,8 @@ def test_analysis_figures_label_their_axes():
                           "gate": ["L1H1", "L2H2"], "gate_depth": [0.5, 0.4]})
     fig = plotting.panel_figure(panel, "gate_depth", "t", "depth")
     assert fig.layout.xaxis.type == "log" and len(fig.data) == 2
+    assert [t.name for t in fig.data] == ["b", "c"] and all(t.mode == "markers" for t in fig.data)  # no point labels
+    assert fig.data[0].marker.color != fig.data[1].marker.color and fig.data[1].marker.symbol == "star"
 
 
 def test_pattern_grid_labels_query_and_key(tiny_llama):

@@ -368,24 +368,25 @@ def rank_scatter(df, x: str, y: str, label: str, marked: str, title: str, x_labe
 
 
 def panel_figure(panel, y: str, title: str, y_label: str) -> go.Figure:
-    """The cross-model panel: ``y`` against model size (log scale), the paper's models and ours as two
-    series; hover names the model and its gate."""
-    fig = go.Figure()
-    # labels alternate above / below / beside the points, in size order, so neighbours do not overprint
-    spots = ["top center", "bottom center", "middle right", "middle left"]
-    order = panel.params_b.rank(method="first").astype(int)
-    for source, sub in panel.groupby("source", sort=False):
-        fig.add_trace(go.Scatter(
-            x=sub.params_b, y=sub[y], mode="markers+text", name=source, text=sub.model.str.split("/").str[-1],
-            textposition=[spots[order[i] % len(spots)] for i in sub.index], textfont=dict(size=9), cliponaxis=False,
-            marker=dict(size=11, color=HARMFUL_COLOR if source.startswith("ours") else "#1f77b4"),
-            customdata=sub[["model", "gate"]].values,
-            hovertemplate="%{customdata[0]}<br>gate %{customdata[1]}<br>" + y_label + " %{y:.2f}<br>"
-                          "%{x:.2f}B parameters<extra>" + source + "</extra>"))
+    """The cross-model panel: ``y`` against model size (log scale). Each model is its own legend entry
+    in its own colour (no labels on the points, so none can overprint another); the paper's models are
+    circles, ours stars; hover names the model, its gate and the source."""
     import numpy as np
 
+    fig = go.Figure()
+    colors = group_colors(panel.model.drop_duplicates())
+    for row in panel.itertuples(index=False):
+        ours = str(row.source).startswith("ours")
+        fig.add_trace(go.Scatter(
+            x=[row.params_b], y=[getattr(row, y)], mode="markers", name=str(row.model).split("/")[-1],
+            legendgroup=str(row.source), legendgrouptitle_text=str(row.source),
+            marker=dict(size=15 if ours else 11, color=colors[str(row.model)], symbol="star" if ours else "circle",
+                        line=dict(width=1, color="#333")),
+            customdata=[[row.model, row.gate, row.source]],
+            hovertemplate="%{customdata[0]}<br>gate %{customdata[1]}<br>" + y_label + " %{y:.2f}<br>"
+                          "%{x:.2f}B parameters<extra>%{customdata[2]}</extra>"))
     lo, hi = np.log10(panel.params_b.min()), np.log10(panel.params_b.max())
-    pad = 0.15 * max(hi - lo, 1.0)  # room for the labels of the smallest and largest model
+    pad = 0.08 * max(hi - lo, 1.0)
     fig.update_layout(title=title, xaxis_title="parameters (billions, log scale)", yaxis_title=y_label,
-                      xaxis_type="log", xaxis_range=[lo - pad, hi + pad], margin=dict(l=80, r=60))
+                      xaxis_type="log", xaxis_range=[lo - pad, hi + pad], height=560, legend=dict(font_size=11))
     return fig

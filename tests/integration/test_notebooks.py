@@ -69,3 +69,14 @@ def test_docstrings_point_inside_the_repository():
     for py in (REPO_ROOT / "lib").rglob("*.py"):
         assert "../shared" not in py.read_text() and "methods.md`` of the project workspace" not in py.read_text(), py
     assert (DOCS_DIR / "methods.md").exists()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_figure_shows_as_an_image_without_javascript(path):
+    """What nbviewer or a code host shows: nbconvert's HTML with no JavaScript has one PNG per figure."""
+    from nbconvert import HTMLExporter
+
+    figures = sum("application/vnd.plotly.v1+json" in out.get("data", {})
+                  for cell in _cells(path) for out in cell.get("outputs", []))
+    html, _ = HTMLExporter().from_filename(str(path))
+    assert figures > 0 and html.count('src="data:image/png') == figures, (path.name, figures)
