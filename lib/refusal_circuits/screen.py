@@ -145,7 +145,7 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
             det = R.detection_direction(model, gp)
         except ValueError as err:
             log(f"warning: per-head ablation skipped: {err}")
-            det = None
+            det, abl_info = None, {"skipped": str(err)}
     if ablation and det is not None:
         abl = R.directional_ablation(model, gp, det.direction, heads=cands, max_batch=max_batch, progress=progress,
                                      checkpoint=store.checkpoint("ablation", {**key, "heads": cands}))
