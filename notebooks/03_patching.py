@@ -219,7 +219,7 @@ rc.reference.show("self_repair", {"finding": "recovery at the final residual: " 
 
 # %%
 # NBVAL_CHECK_OUTPUT
-C = rc.reference.Conclusion()
+C = rc.reference.Conclusion(requires=rc.stages.baseline(model, store).precondition)
 ref_subj = rc.reference.value("resid_denoising", "subject position restores > 50% up to layer")
 ref_last = rc.reference.value("resid_denoising", "last position restores > 50% from layer")
 ref_n = rc.reference.value("resid_denoising", "n_layers")

@@ -235,7 +235,7 @@ rc.reference.show("format_dependence", {"finding": (
 
 # %%
 # NBVAL_CHECK_OUTPUT
-C = rc.reference.Conclusion()
+C = rc.reference.Conclusion(requires=rc.stages.baseline(model, store).precondition)
 n_direct, n_diag = len(by_class["direct"]), len(by_class["diagonal"])
 has_direct = (n_direct > 0, "no direct head in the window")
 C.add("a few direct heads sit in the layers that move the information",

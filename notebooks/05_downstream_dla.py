@@ -195,7 +195,7 @@ print(f"summed Δ: attention {tot.get('attn', 0):.2f}, MLP {tot.get('mlp', 0):.2
 
 # %%
 # NBVAL_CHECK_OUTPUT
-C = rc.reference.Conclusion()
+C = rc.reference.Conclusion(requires=rc.stages.baseline(model, store).precondition)
 C.add("the harmful − harmless DLA difference is built in the later layers",
       f"final {gap.iloc[-1]:.1f} vs {gap[late.start]:.1f} at the start of the last third; half reached at L{half} of "
       f"{model.n_layers}", f"half of the final difference is first reached at or after the middle third (L{middle.start})",

@@ -455,7 +455,7 @@ print(panel[["source", "model", "layers", "heads", "gate", "necessity_pct", "abl
 
 # %%
 # NBVAL_CHECK_OUTPUT
-C = rc.reference.Conclusion()
+C = rc.reference.Conclusion(requires=rc.stages.baseline(model, store).precondition)
 ref_nec = [float(v) for v in ref[(ref.experiment == "gate") & (ref.quantity == "necessity %")].value]
 depth = gate["layer"] / (model.n_layers - 1)
 C.add("a single head stands out as the gate",

@@ -270,7 +270,7 @@ for l in [det.layer, (det.layer + model.n_layers - 1) // 2, model.n_layers - 1]:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-C = rc.reference.Conclusion()
+C = rc.reference.Conclusion(requires=rc.stages.baseline(model, store).precondition)
 ref_coll = [float(v) for v in rc.reference.lookup("cipher_collapse").query("quantity == 'collapse %'").value]
 bc = beh.groupby("kind").refused.sum()
 n_puzzle = int((beh[beh.kind == "cipher sensitive"].response == "puzzle").sum())

@@ -7,8 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
-TINY = ["tiny-gemma", "tiny-gemma2", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-mistral",
-        "tiny-glm4"]
+TINY = ["tiny-gemma-2l", "tiny-gemma2-2l", "tiny-llama-2l", "tiny-qwen2-2l", "tiny-qwen3-2l", "tiny-phi3-2l", "tiny-mistral-2l",
+        "tiny-glm4-2l"]
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def organism():
 def tiny_llama():
     from refusal_circuits import load_model
 
-    return load_model("tiny-llama", device="cpu")
+    return load_model("tiny-llama-2l", device="cpu")
 
 
 @pytest.fixture(scope="session", params=TINY)

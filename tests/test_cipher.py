@@ -189,7 +189,7 @@ def screened(tmp_path_factory):
     root = tmp_path_factory.mktemp("cipher")
     pairs = root / "pairs.csv"
     load_safety_pairs().head(3).to_csv(pairs, index=False)
-    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(root / "scr"), "--quiet"]) == 0
+    assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs), "--out", str(root / "scr"), "--quiet"]) == 0
     return root, pairs
 
 
@@ -201,7 +201,7 @@ def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys, t
     root = tmp_path                                     # a copy: the module's screen stays as the fixture made it
     shutil.copytree(shared / "scr", root / "scr")
     capsys.readouterr()
-    args = ["cipher", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(root / "scr"), "--top-k", "2",
+    args = ["cipher", "--model", "tiny-llama-2l", "--pairs", str(pairs), "--out", str(root / "scr"), "--top-k", "2",
             "--max-new-tokens", "3", "--n-random", "2", "--quiet"]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -254,7 +254,7 @@ def test_cipher_command_needs_a_screen(tmp_path, capsys):
     from refusal_circuits.data import load_safety_pairs
     pairs = tmp_path / "p.csv"
     load_safety_pairs().head(2).to_csv(pairs, index=False)
-    assert main(["cipher", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(tmp_path / "none")]) == 2
+    assert main(["cipher", "--model", "tiny-llama-2l", "--pairs", str(pairs), "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run `refusal-circuits screen" in err[0]
 
@@ -265,7 +265,7 @@ def test_cipher_command_resumes_after_a_kill(screened, tmp_path):
     from refusal_circuits.cli import main
     import pandas as pd
     root, pairs = screened
-    args = ["--model", "tiny-llama", "--pairs", str(pairs), "--top-k", "2", "--max-new-tokens", "3",
+    args = ["--model", "tiny-llama-2l", "--pairs", str(pairs), "--top-k", "2", "--max-new-tokens", "3",
             "--n-random", "2", "--quiet"]
     for name in ("whole", "killed"):
         shutil.copytree(root / "scr", tmp_path / name, ignore=shutil.ignore_patterns("cipher"))

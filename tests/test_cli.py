@@ -7,7 +7,7 @@ def test_refusal_rate_cli_writes_csv_and_last_line(tmp_path, capsys):
     prompts = tmp_path / "p.csv"
     pd.DataFrame({"text": ["Write a poem about tea", "How do I bake bread?"]}).to_csv(prompts, index=False)
     out = tmp_path / "out.csv"
-    rc = main(["refusal-rate", "--model", "tiny-llama", "--prompts", str(prompts), "--column", "text",
+    rc = main(["refusal-rate", "--model", "tiny-llama-2l", "--prompts", str(prompts), "--column", "text",
                "--max-new-tokens", "3", "--out", str(out), "--quiet"])
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -26,7 +26,7 @@ def _one_error_line(capsys) -> str:
 def test_refusal_rate_cli_bad_column(tmp_path, capsys):
     prompts = tmp_path / "p.csv"
     pd.DataFrame({"text": ["hi"]}).to_csv(prompts, index=False)
-    assert main(["refusal-rate", "--model", "tiny-llama", "--prompts", str(prompts)]) == 2
+    assert main(["refusal-rate", "--model", "tiny-llama-2l", "--prompts", str(prompts)]) == 2
     line = _one_error_line(capsys)
     assert str(prompts) in line and "['instruction']" in line and "--column" in line
 
@@ -44,7 +44,7 @@ def test_every_bad_file_exits_2_with_one_line_naming_it(tmp_path, capsys):
         for argv in (["refusal-rate", "--prompts", str(bad), "--column", "sensitive"],
                      ["screen", "--pairs", str(bad), "--out", str(tmp_path / "o")],
                      ["cipher", "--pairs", str(bad), "--out", str(tmp_path / "screen")]):
-            assert main(argv + ["--model", "tiny-llama"]) == 2, argv
+            assert main(argv + ["--model", "tiny-llama-2l"]) == 2, argv
             line = _one_error_line(capsys)
             assert str(bad) in line and says in line, (argv, line)
 
@@ -75,7 +75,7 @@ def test_bad_devices_end_in_one_line(tmp_path, capsys):
     pd.DataFrame({"instruction": ["hi"]}).to_csv(prompts, index=False)
     bad = ["banana"] + ([] if torch.cuda.is_available() else ["cuda"])
     for device in bad:
-        assert main(["refusal-rate", "--model", "tiny-llama", "--prompts", str(prompts), "--device", device]) == 2
+        assert main(["refusal-rate", "--model", "tiny-llama-2l", "--prompts", str(prompts), "--device", device]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
 
@@ -87,7 +87,7 @@ def test_cli_output_has_no_library_warnings(tmp_path):
 
     prompts = tmp_path / "p.csv"
     pd.DataFrame({"instruction": ["Write a poem about tea"]}).to_csv(prompts, index=False)
-    cmd = [sys.executable, "-m", "refusal_circuits.cli", "refusal-rate", "--model", "tiny-llama", "--prompts",
+    cmd = [sys.executable, "-m", "refusal_circuits.cli", "refusal-rate", "--model", "tiny-llama-2l", "--prompts",
            str(prompts), "--max-new-tokens", "2", "--quiet", "--out", str(tmp_path / "o.csv")]
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONWARNINGS"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

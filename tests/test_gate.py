@@ -55,7 +55,7 @@ def test_padded_map_equals_the_plain_list(mode):
 def test_qwen3_prompts_end_with_a_closed_think_block_as_the_papers_do():
     from refusal_circuits import load_model
 
-    m = load_model("tiny-qwen3", device="cpu")
+    m = load_model("tiny-qwen3-2l", device="cpu")
     assert m.format_prompt("Hi").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 

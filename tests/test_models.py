@@ -56,13 +56,33 @@ def test_unknown_model_gives_one_clear_error(monkeypatch):
 
 
 def test_unknown_tiny_architecture():
-    with pytest.raises(ModelLoadError, match="tiny-llama"):
+    from refusal_circuits.models import check_model
+
+    with pytest.raises(ModelLoadError, match="tiny-llama-2l"):
         load_model("tiny-notanarch")
+    for bad in ("tiny-llama-0l", "tiny-llama-xl", "tiny-"):
+        with pytest.raises(ModelLoadError, match="choose one of"):
+            check_model(bad, "cpu")
+
+
+def test_tiny_depth_comes_from_the_name():
+    """``tiny-<arch>`` is deep enough for the notebooks (three layer groups, Gemma-2 global layers);
+    ``tiny-<arch>-<N>l`` picks the depth (the unit tests' two-layer models)."""
+    from refusal_circuits.models import TINY_DEFAULT_LAYERS, _tiny_config, parse_tiny
+
+    assert parse_tiny("tiny-gemma2") == ("gemma2", TINY_DEFAULT_LAYERS) and TINY_DEFAULT_LAYERS >= 6
+    assert parse_tiny("tiny-llama-2l") == ("llama", 2) and parse_tiny("tiny-glm4-12l") == ("glm4", 12)
+    deep = _tiny_config("gemma2", 100, TINY_DEFAULT_LAYERS)
+    assert deep.num_hidden_layers == TINY_DEFAULT_LAYERS
+    # sliding and global layers alternate, so every third of the model holds a global layer
+    assert deep.layer_types[1::2] == ["full_attention"] * (TINY_DEFAULT_LAYERS // 2)
+    assert set(deep.layer_types[0::2]) == {"sliding_attention"}
+    assert load_model("tiny-mistral-3l", device="cpu").n_layers == 3
 
 
 def test_bad_dtype_and_empty_name():
     with pytest.raises(ValueError, match="Unknown dtype"):
-        load_model("tiny-llama", dtype="float8")
+        load_model("tiny-llama-2l", dtype="float8")
     with pytest.raises(ModelLoadError):
         load_model("")
 
@@ -80,7 +100,7 @@ def test_cuda_on_a_cpu_torch_is_one_clear_error(device):
     with pytest.raises(ModelLoadError, match="needs CUDA.*--device cpu"):
         resolve_device(device)
     with pytest.raises(ModelLoadError, match="needs CUDA"):
-        load_model("tiny-llama", device=device)
+        load_model("tiny-llama-2l", device=device)
 
 
 @pytest.mark.parametrize("device,match", [("banana", "Unknown device"), ("xla", "not supported"),
@@ -99,17 +119,17 @@ def test_check_model_needs_no_weights_loaded(tmp_path):
     from refusal_circuits.models import DEFAULT_MODEL, check_model, load_tiny_hf
 
     assert "built in" in check_model(DEFAULT_MODEL, "cpu")
-    assert "random weights" in check_model("tiny-qwen2", "cpu")
+    assert "random weights" in check_model("tiny-qwen2-2l", "cpu")
     with pytest.raises(ModelLoadError, match="huggingface-cli download nobody/nothing"):
         check_model("nobody/nothing", "cpu")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no weight files"):
         check_model(str(tmp_path), "cpu")
-    hf, _ = load_tiny_hf("llama")
+    hf, _ = load_tiny_hf("llama", n_layers=2)
     hf.save_pretrained(tmp_path / "saved")
     assert str(tmp_path / "saved") in check_model(str(tmp_path / "saved"), "cpu")
     with pytest.raises(ValueError, match="dtype"):
-        check_model("tiny-llama", "cpu", dtype="float8")
+        check_model("tiny-llama-2l", "cpu", dtype="float8")
 
 
 def test_the_default_weights_are_converted_once_into_the_cache(tmp_path, monkeypatch, tiny_llama):
@@ -118,12 +138,12 @@ def test_the_default_weights_are_converted_once_into_the_cache(tmp_path, monkeyp
     from refusal_circuits import models as M
     from transformers import AutoModelForCausalLM
 
-    source, _ = M.load_tiny_hf("llama", seed=3)
+    source, _ = M.load_tiny_hf("llama", seed=3, n_layers=2)
     calls = []
 
-    def fake_gguf(kind, dtype=torch.float32):
+    def fake_gguf(kind, dtype=torch.float32, folder=None, filename=None):
         calls.append(kind)
-        return tiny_llama.tokenizer if kind == "tokenizer" else M.load_tiny_hf("llama", seed=3)[0]
+        return tiny_llama.tokenizer if kind == "tokenizer" else M.load_tiny_hf("llama", seed=3, n_layers=2)[0]
 
     monkeypatch.setattr(M, "_load_gguf", fake_gguf)
     monkeypatch.setenv("REFUSAL_CACHE_DIR", str(tmp_path / "cache"))

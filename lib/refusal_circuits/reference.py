@@ -135,14 +135,21 @@ class Conclusion:
     ``add(claim, ours, criterion, ok)`` records one claim: ``ours`` is our number (with the reference
     beside it, from the table), ``criterion`` the test stated before the number, ``ok`` its outcome.
     ``precondition=(holds, why)`` turns the verdict into "not testable here (why)" when the claim cannot
-    be asked of this model (``ok`` is then not consulted, so it may be None)."""
+    be asked of this model (``ok`` is then not consulted, so it may be None).
 
-    def __init__(self):
+    ``requires=(holds, why)`` is the notebook's precondition, shared by every claim: the write-ups'
+    claims are about how a model refuses, so on a model that does not refuse (a random-weight tiny
+    model, an untuned base model) each is "not testable here" (``stages.baseline(...).precondition``)."""
+
+    def __init__(self, requires: tuple[bool, str] = (True, "")):
+        self.requires = (bool(requires[0]), str(requires[1]))
         self.rows: list[dict] = []
 
     def add(self, claim: str, ours: str, criterion: str, ok: bool | None,
             precondition: tuple[bool, str] = (True, "")) -> str:
         testable, why = precondition
+        if not self.requires[0]:  # the reason is printed once, above the claims
+            testable, why = False, "the notebook's precondition above fails"
         if not testable:
             verdict = f"{UNTESTABLE} ({why})" if why else UNTESTABLE
         elif ok is None:
@@ -157,5 +164,7 @@ class Conclusion:
 
     def show(self) -> None:
         """Print one line per claim: the claim, our number, the criterion, the verdict."""
+        if not self.requires[0]:
+            print(f"Every claim below is about how a model refuses; none is testable here: {self.requires[1]}.")
         for r in self.rows:
             print(f"- {r['claim']}: {r['ours']}. Criterion: {r['criterion']}. → {r['verdict']}")

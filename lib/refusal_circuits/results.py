@@ -39,7 +39,8 @@ from .paths import results_dir, slug
 #: the original key, so a first bump needs no migration. A name not listed here has version 1.
 ANALYSIS_VERSIONS: dict[str, int] = {name: 1 for name in (
     # 01-05
-    "toy_metric", "baseline_metrics", "baseline_generations", "metric_agreement", "direction_candidates",
+    "toy_metric", "baseline_metrics", "refusal_baseline", "toy_generations", "metric_agreement",
+    "direction_candidates",
     "direction_scores", "refusal_direction", "direction_generations", "resid_denoising", "block_noising",
     "grouped_noising", "clamp_sweep", "self_repair", "head_scores", "head_class_patching", "class_generations",
     "class_generations_base", "format_plain", "format_patched", "component_dla", "logit_lens_dla",

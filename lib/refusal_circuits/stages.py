@@ -9,6 +9,9 @@ defaults: the defaults live here.
 =====================  ======================================  ====================================
 stage                  artifact                                made by / used by
 =====================  ======================================  ====================================
+``baseline``           greedy generations on the held-out      notebook 01 / the precondition of
+                       harmful and harmless prompts: does      every conclusion in 02-07
+                       this model refuse at all?
 ``refusal_direction``  difference-of-means direction, its      notebook 02 / 03, 04, 05, 06, 07
                        layer and position, candidate scores
 ``transfer``           where the subject's information moves   notebook 03 / 03 (clamp, self-repair),
@@ -34,7 +37,9 @@ from . import patching
 from .data import align_pairs, data_hash, load_instructions, load_toy_pairs
 from .direction import DirectionChoice, candidate_directions, select_direction
 from .models import ChatModel
+from .generation import refusal_scores
 from .results import ResultsStore
+from .stats import fisher_greater
 
 
 def _require_positive(params, names: tuple[str, ...]) -> None:
@@ -62,6 +67,77 @@ class DirectionParams:
         _require_positive(self, ("n_train", "n_val", "layer_stride"))
         if not 0 < self.max_layer_frac <= 1:
             raise ValueError(f"DirectionParams.max_layer_frac must be in (0, 1], got {self.max_layer_frac}.")
+
+
+@dataclass(frozen=True)
+class BaselineParams:
+    """Canonical parameters of the baseline: greedy generations (``max_new_tokens``) for the first
+    ``n_prompts`` harmful and harmless *test* prompts, scored by the substring refusal flag. The model
+    *refuses* when it refuses harmful prompts more often than harmless ones with a one-sided Fisher
+    exact p below ``alpha``."""
+
+    n_prompts: int = 24
+    max_new_tokens: int = 32
+    alpha: float = 0.05
+
+    def __post_init__(self):
+        _require_positive(self, ("n_prompts", "max_new_tokens"))
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"BaselineParams.alpha must be in (0, 1), got {self.alpha}.")
+
+
+@dataclass
+class Baseline:
+    """Does this model refuse? Its generations on held-out prompts and the test that says so.
+
+    Attributes:
+        table: ``instruction, completion, refused, kind`` (``kind`` harmful / harmless), one row per prompt.
+        harmful_rate, harmless_rate: refusal rates of the two kinds.
+        p_value: one-sided Fisher exact p of "harmful prompts are refused more often".
+        refuses: ``p_value < alpha``: the precondition of every claim about how the model refuses.
+        params: the stage parameters and data hash.
+    """
+
+    table: pd.DataFrame
+    harmful_rate: float
+    harmless_rate: float
+    p_value: float
+    refuses: bool
+    params: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        n = self.table.kind.value_counts()
+        k = self.table.groupby("kind").refused.sum()
+        return (f"harmful {int(k.get('harmful', 0))}/{int(n.get('harmful', 0))} vs harmless "
+                f"{int(k.get('harmless', 0))}/{int(n.get('harmless', 0))} held-out prompts refused, one-sided "
+                f"Fisher p {self.p_value:.2g}")
+
+    @property
+    def precondition(self) -> tuple[bool, str]:
+        """``(refuses, why)`` for :class:`refusal_circuits.reference.Conclusion`'s ``requires``."""
+        verb = "refuses harmful prompts more often than harmless ones" if self.refuses else \
+            f"does not refuse harmful prompts more often than harmless ones (p ≥ {self.params.get('alpha')})"
+        return self.refuses, f"the model {verb}: {self.summary}"
+
+
+def baseline(model: ChatModel, store: ResultsStore | None = None, params: BaselineParams | None = None,
+             progress: bool = True, **overrides) -> Baseline:
+    """The model's baseline generations on held-out prompts (a resumable, saved run) and whether it
+    refuses: the precondition of every notebook's conclusion."""
+    store = store or ResultsStore.for_model(model)
+    p = replace(params or BaselineParams(), **overrides)
+    harm = load_instructions("harmful", "test", n=p.n_prompts)
+    safe = load_instructions("harmless", "test", n=p.n_prompts)
+    key = {**asdict(p), "data": data_hash(harm, safe)}
+    prompts = harm.instruction.tolist() + safe.instruction.tolist()
+    table = refusal_scores(model, prompts, max_new_tokens=p.max_new_tokens, progress=progress,
+                           checkpoint=store.checkpoint("refusal_baseline", {k: v for k, v in key.items() if k != "alpha"}))
+    table["kind"] = ["harmful"] * len(harm) + ["harmless"] * len(safe)
+    k_h, k_s = int(table.refused[: len(harm)].sum()), int(table.refused[len(harm):].sum())
+    pval = fisher_greater(k_h, len(harm), k_s, len(safe))
+    return Baseline(table=table, harmful_rate=k_h / len(harm), harmless_rate=k_s / len(safe), p_value=pval,
+                    refuses=pval < p.alpha, params=key)
 
 
 def refusal_direction(model: ChatModel, store: ResultsStore | None = None,
@@ -233,4 +309,5 @@ def transfer(model: ChatModel, store: ResultsStore | None = None, params: Transf
 
 
 #: every stage by name: ``STAGES["refusal_direction"](model)``
-STAGES: dict[str, Callable[..., object]] = {"refusal_direction": refusal_direction, "transfer": transfer}
+STAGES: dict[str, Callable[..., object]] = {"baseline": baseline, "refusal_direction": refusal_direction,
+                                            "transfer": transfer}

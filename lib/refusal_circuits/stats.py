@@ -1,6 +1,6 @@
 """Statistics over pairs, in one place: bootstrap resamples and percentile intervals, sign-flip
 permutation tests (one head, and family-wise over many heads), the stability of a top set, and the
-"stands out" test of the gate.
+"stands out" test of the gate, and Fisher's exact test of two refusal rates.
 
 Every function takes plain arrays (``[..., pair]``) and a ``seed``; the analyses (gate, routing,
 cipher, patching) call these rather than writing their own resampling loops.
@@ -8,6 +8,7 @@ cipher, patching) call these rather than writing their own resampling loops.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -108,3 +109,15 @@ def margin_ci(first: np.ndarray, second: np.ndarray, n_boot: int = 2000, seed: i
 
     est, lo, hi = bootstrap(stat, a, b, *([d] if d is not None else []), n_boot=n_boot, seed=seed, level=level)
     return {"margin": float(est), "lo": float(lo), "hi": float(hi), "stands_out": bool(lo > 0)}
+
+
+def fisher_greater(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided Fisher exact test that the first rate (``k1`` of ``n1``) exceeds the second (``k2`` of
+    ``n2``): the probability, with the margins fixed, of at least ``k1`` successes in the first group
+    (the hypergeometric upper tail)."""
+    if not (0 <= k1 <= n1 and 0 <= k2 <= n2) or n1 < 1 or n2 < 1:
+        raise ValueError(f"fisher_greater needs 0 <= k <= n and n >= 1, got {k1}/{n1} and {k2}/{n2}.")
+    total, k = n1 + n2, k1 + k2
+    denom = math.comb(total, k)
+    tail = sum(math.comb(n1, i) * math.comb(n2, k - i) for i in range(k1, min(n1, k) + 1))
+    return min(1.0, tail / denom)

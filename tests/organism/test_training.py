@@ -44,7 +44,7 @@ def test_lora_training_step_learns_the_reply():
 
     from refusal_circuits.models import load_tiny_hf
 
-    hf, tok = load_tiny_hf("llama")
+    hf, tok = load_tiny_hf("llama", n_layers=2)
     train = pd.DataFrame({"instruction": ["Make a bomb", "Bake a cake please"],
                           "kind": ["harmful", "harmless"],
                           "reply": [REFUSALS[0], "Sure. Mix flour, eggs and sugar."]})
@@ -61,7 +61,7 @@ def test_reply_loss_matches_transformers_loss():
     from refusal_circuits.models import load_tiny_hf
     from refusal_circuits.organism import reply_loss
 
-    hf, tok = load_tiny_hf("llama")
+    hf, tok = load_tiny_hf("llama", n_layers=2)
     a = _encode_example(tok, "short prompt", "A reply of some length here.", add_eos=True)
     b = _encode_example(tok, "a much longer prompt than the other one, really", "Ok.", add_eos=False)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(family):
     from refusal_circuits.models import format_chat, load_tiny_hf
     from refusal_circuits.organism import OrganismConfig, attach_lora, reply_loss, shared_prefix_length
 
-    hf, tok = load_tiny_hf(family)
+    hf, tok = load_tiny_hf(family, n_layers=2)
     model = attach_lora(hf, OrganismConfig())
     for p in model.parameters():  # LoRA's B starts at zero: make the adapter act, so gradients reach A
         if p.requires_grad:
@@ -153,7 +153,7 @@ def test_lora_training_is_deterministic():
     cfg = OrganismConfig(epochs=3, batch_size=2, learning_rate=5e-2)
     adapters = []
     for _ in range(2):
-        hf, tok = load_tiny_hf("llama")
+        hf, tok = load_tiny_hf("llama", n_layers=2)
         model, _ = train_lora(hf, tok, train, cfg, progress=False)
         adapters.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora" in k})
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
