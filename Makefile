@@ -39,10 +39,26 @@ figures: venv
 ## (figures/tiny-<arch>/, no PNG export; ~3 min an architecture on 2 cores). make test runs tiny-gemma2.
 TINY_ARCHS := gemma gemma2 llama qwen2 qwen3 phi3 mistral glm4
 figures-tiny: venv
-	@for a in $(TINY_ARCHS); do REFUSAL_PNG=0 REFUSAL_PROGRESS=0 $(MAKE) --no-print-directory figures MODEL=tiny-$$a DEVICE=cpu || exit 1; done
+	@for a in $(TINY_ARCHS); do REFUSAL_RESULTS_DIR=$(CURDIR)/build/tiny-results REFUSAL_PNG=0 REFUSAL_PROGRESS=0 $(MAKE) --no-print-directory figures MODEL=tiny-$$a DEVICE=cpu || exit 1; done
 
-## Unit tests + nbval over every notebook (what CI runs)
-test: unit nbval
+## Unit tests + nbval over every notebook + every notebook on tiny-gemma2 (what CI runs), in two lanes of one
+## torch thread each: lane 1 = the unit tests, then notebook 06 (the longest); lane 2 = notebooks 01-05 and 07
+## (07 reads 06's gate screen, which 06 finishes in its first minutes), then all seven notebooks end to end on
+## tiny-gemma2 (the other architectures: make figures-tiny). Lane 2's log is printed after lane 1's.
+# No PNG export: nbval compares no figure outputs (a unit test renders a real PNG).
+NBVAL_ENV := REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(CURDIR)/.nbval-figures \
+	REFUSAL_PROGRESS=0 REFUSAL_PNG=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+NBVAL := $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider
+TINY_E2E := $(PY) -m refusal_circuits.runner --model tiny-gemma2 --device cpu
+test: venv
+	@mkdir -p build; echo "make test: lane 1 = unit tests, 06; lane 2 = 01-05, 07, then 01-07 on tiny-gemma2"; \
+	( $(NBVAL_ENV) $(NBVAL) notebooks/0[1-5]_*.ipynb notebooks/07_*.ipynb && $(NBVAL_ENV) $(TINY_E2E) ) \
+		> build/lane2.log 2>&1 & lane2=$$!; \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -q tests; unit=$$?; \
+	$(NBVAL_ENV) $(NBVAL) notebooks/06_*.ipynb; six=$$?; \
+	wait $$lane2; two=$$?; cat build/lane2.log; \
+	echo "make test: unit exit $$unit, notebook 06 exit $$six, lane 2 exit $$two"; \
+	test $$unit -eq 0 -a $$six -eq 0 -a $$two -eq 0
 
 unit: venv
 	$(VENV)/bin/pytest -q tests
@@ -51,18 +67,11 @@ unit: venv
 quick: venv
 	$(VENV)/bin/pytest -q -m "not slow" --ignore=tests/integration --ignore=tests/organism tests
 
-# nbval in two lanes, one torch thread each: notebook 06 (the longest) then all seven notebooks end to end
-# on tiny-gemma2 (the other architectures: make figures-tiny) in one, 01-05 then 07 in the other
-# (07 reads 06's gate screen: 06 finishes it in its first minutes, 07 starts after 01-05).
-# No PNG export: nbval compares no figure outputs (a unit test renders a real PNG).
-NBVAL_ENV := REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(CURDIR)/.nbval-figures \
-	REFUSAL_PROGRESS=0 REFUSAL_PNG=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-NBVAL := $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider
+## nbval alone (the notebooks of make test, without the unit tests and the tiny-gemma2 run)
 nbval: venv
-	@mkdir -p build; echo "nbval: lane 1 = 06 then 01-07 on tiny-gemma2, lane 2 = 01-05, 07 (lane 2's log follows lane 1's)"; \
+	@mkdir -p build; \
 	$(NBVAL_ENV) $(NBVAL) notebooks/0[1-5]_*.ipynb notebooks/07_*.ipynb > build/nbval-lane2.log 2>&1 & lane2=$$!; \
 	$(NBVAL_ENV) $(NBVAL) notebooks/06_*.ipynb; one=$$?; \
-	$(NBVAL_ENV) $(PY) -m refusal_circuits.runner --model tiny-gemma2 --device cpu || one=1; \
 	wait $$lane2; two=$$?; cat build/nbval-lane2.log; \
 	echo "nbval: lane 1 exit $$one, lane 2 exit $$two"; test $$one -eq 0 -a $$two -eq 0
 

@@ -446,6 +446,39 @@ print(panel[["source", "model", "layers", "heads", "gate", "necessity_pct", "abl
 
 
 # %% [markdown]
+# ## Sparse gate or dense routing?
+#
+# The two write-ups disagree: the seed write-up finds refusal computed densely (many components, none
+# decisive), the paper a sparse gate. Each screen's per-pair necessity rows answer it for its model: the share
+# of the total |necessity| over heads that the top 1, 5 and 10 heads carry, and the Gini coefficient of
+# |necessity|, with bootstrap 95% intervals over pairs. Equal heads would give k / (number of heads) and a
+# Gini of 0 (the dashes). Committed screens of every head (`data/screens/`, tables and manifests as the
+# paper ships its saved results) are read beside this notebook's own screen (open star: its heads outside
+# the exact top-k are attribution estimates).
+#
+# The criterion, fixed before the numbers: the routing is **sparse** when the top 10 heads carry at least
+# half of the total |necessity| (the interval's lower end ≥ 0.5), **dense** when the interval's upper end is
+# below 0.5, and undecided otherwise.
+
+# %%
+sparsity = pd.concat([rc.screen.read_sparsity(rc.paths.DATA_DIR / "screens", seed=SEED),
+                      rc.screen.read_sparsity(screen_dir, seed=SEED, include_random=True)
+                        .assign(model=lambda d: d.model + " (this notebook)")],
+                     ignore_index=True)
+show(rc.plotting.sparsity_figure(sparsity, "How much of the total |necessity| the top heads carry, per model"),
+     "06_sparsity", model.slug).show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+top10 = sparsity[sparsity.statistic == "top10"].set_index("model")
+picture = lambda r: "sparse" if r.lo >= 0.5 else "dense" if r.hi < 0.5 else "undecided"
+for m, r in top10.iterrows():
+    g = sparsity[(sparsity.model == m) & (sparsity.statistic == "gini")].iloc[0]
+    print(f"{m}: top 10 of {r.n_heads} heads carry {r.estimate:.0%} [{r.lo:.0%}, {r.hi:.0%}] of |necessity| "
+          f"(equal heads: {10 / r.n_heads:.0%}), Gini {g.estimate:.2f} [{g.lo:.2f}, {g.hi:.2f}], {r.method} → {picture(r)}")
+
+
+# %% [markdown]
 # ## Conclusions
 #
 # Each claim of the paper, tested on this model: our number beside the paper's (from the reference table),
@@ -506,6 +539,12 @@ C.add("removing d turns refusal into compliance",
 C.add("adding d makes the controls refuse",
     f"controls classed refusal: {r.refusal['control', lo]:.0%} → {r.refusal['control', hi]:.0%}",
     "the refusal share rises", r.refusal["control", hi] > r.refusal["control", lo])
+# the committed exact screen of this model when there is one (every head exact), else this notebook's screen
+own = top10.loc[model.name] if model.name in top10.index else top10.loc[f"{model.name} (this notebook)"]
+C.add("refusal routes through a sparse set of heads (the paper), not densely (the seed write-up)",
+    f"top 10 of {own.n_heads} heads carry {own.estimate:.0%} [{own.lo:.0%}, {own.hi:.0%}] of the total |necessity| "
+    f"({own.method})", "sparse: the interval's lower end ≥ 50%; dense: its upper end < 50% (two-sided)",
+    own.lo >= 0.5, precondition=(own.lo >= 0.5 or own.hi < 0.5, "the interval straddles 50%"))
 C.add("the gate is one of notebook 04's direct heads (it moves the subject to the last position)",
     f"{gate_label}: class {meet.loc[gate_label, 'class']}, direct score {meet.loc[gate_label, 'direct_mean']:.2f}",
     "direct score ≥ 0.2 (notebook 04's threshold)", meet.loc[gate_label, "direct_mean"] >= 0.2)

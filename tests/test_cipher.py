@@ -246,7 +246,7 @@ def test_cipher_command_writes_its_tables_next_to_the_screen(screened, capsys, t
     assert calls == []
     assert json.loads((out / "manifest.json").read_text())["rescue"] == m["rescue"]
     from refusal_circuits.screen import read_screens
-    assert len(read_screens(root)) == 1                 # the cipher folder inside the screen is not a screen
+    assert len(read_screens(root, include_random=True)) == 1  # the cipher folder inside the screen is not a screen
 
 
 def test_cipher_command_needs_a_screen(tmp_path, capsys):

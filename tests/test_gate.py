@@ -199,3 +199,23 @@ def test_attribution_ranks_like_the_exact_interchange_on_a_nearly_linear_model(t
     b = est.groupby(["layer", "head"]).effect.mean()
     assert a.index.equals(b.index)
     assert np.corrcoef(a.values, b.values)[0, 1] > 0.9
+
+
+def test_routing_sparsity_reads_a_planted_gate_and_refuses_holes():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    rows = [{"layer": l, "head": h, "pair_id": f"p{i}", "method": "exact",
+             "effect": (3.0 if (l, h) == (1, 2) else 0.0) + rng.normal(0, 0.05)}
+            for l in range(3) for h in range(4) for i in range(20)]
+    nec = pd.DataFrame(rows)
+    sp = G.routing_sparsity(nec, n_boot=200).set_index("statistic")
+    assert sp.loc["top1", "estimate"] > 0.8 and sp.loc["gini", "lo"] > 0.7
+    assert (sp.n_heads == 12).all() and (sp.n_pairs == 20).all() and (sp.n_exact_heads == 12).all()
+    nec.loc[nec.layer == 0, "method"] = "attribution"
+    assert (G.routing_sparsity(nec, n_boot=20).n_exact_heads == 8).all()
+    with pytest.raises(ValueError, match="every head on every pair"):
+        G.routing_sparsity(nec.iloc[1:], n_boot=20)
+    with pytest.raises(ValueError, match="empty"):
+        G.routing_sparsity(nec.iloc[:0])

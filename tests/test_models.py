@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from refusal_circuits import ModelLoadError, load_model
@@ -160,3 +162,26 @@ def test_the_default_weights_are_converted_once_into_the_cache(tmp_path, monkeyp
     blocked.write_text("")
     monkeypatch.setenv("REFUSAL_CACHE_DIR", str(blocked))
     assert M._converted_smollm2() is None  # the caller then reads the GGUF file itself
+
+
+def test_threads_come_from_the_argument_the_environment_or_the_cores(monkeypatch):
+    from refusal_circuits.models import available_cores, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert 1 <= available_cores() <= (os.cpu_count() or 1)
+        assert set_threads(1) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("REFUSAL_THREADS", "2")
+        assert set_threads() == 2 == torch.get_num_threads()
+        monkeypatch.setenv("REFUSAL_THREADS", "two")
+        with pytest.raises(ValueError, match="REFUSAL_THREADS"):
+            set_threads()
+        monkeypatch.delenv("REFUSAL_THREADS")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the nbval lanes' setting is kept
+        assert set_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_threads() == available_cores()
+        with pytest.raises(ValueError, match=">= 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)

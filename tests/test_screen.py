@@ -99,8 +99,18 @@ def test_read_screens_gathers_the_folders(tmp_path, pairs_csv):
 
     assert main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(tmp_path / "a" / "x"),
                  "--n-pairs", "2", "--quiet"]) == 0
-    panel = read_screens(tmp_path)
+    # a random-weight test model is not a refusal model: the panel leaves it out unless asked
+    assert read_screens(tmp_path).empty
+    panel = read_screens(tmp_path, include_random=True)
     assert len(panel) == 1 and panel.model[0] == "tiny-llama-2l" and 0 <= panel.gate_depth[0] <= 1
+    from refusal_circuits.screen import read_sparsity
+
+    assert read_sparsity(tmp_path, n_boot=50).empty
+    sp = read_sparsity(tmp_path, n_boot=50, include_random=True)
+    assert list(sp.statistic) == ["top1", "top5", "top10", "gini"] and set(sp.model) == {"tiny-llama-2l"}
+    assert (sp.method == "exact").all() and (sp.n_heads == 8).all() and (sp.n_pairs == 2).all()
+    # the 2-layer model has 8 heads: the top 10 hold everything
+    assert sp.set_index("statistic").loc["top10", "estimate"] == pytest.approx(1.0)
 
 
 def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, capsys):

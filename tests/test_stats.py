@@ -67,3 +67,32 @@ def test_fisher_greater_matches_hand_computed_tails():
     assert fisher_greater(20, 24, 2, 24) < 1e-6
     with pytest.raises(ValueError, match="0 <= k <= n"):
         fisher_greater(5, 4, 0, 4)
+
+
+def test_gini_and_top_share_on_known_vectors():
+    from refusal_circuits.stats import gini, top_share
+
+    assert gini(np.ones(10)) == pytest.approx(0.0) and top_share(np.ones(10), 1) == pytest.approx(0.1)
+    one = np.zeros(10)
+    one[3] = -2.0  # |values|: the sign of a head's effect does not make it less of a carrier
+    assert gini(one) == pytest.approx(0.9) and top_share(one, 1) == 1.0
+    assert gini([1, 2, 3, 4]) == pytest.approx(0.25)  # (2*(1+4+9+16)/(4*10)) - 5/4
+    assert np.isnan(gini(np.zeros(3))) and top_share([3, 1], 5) == 1.0
+
+
+def test_concentration_separates_a_planted_sparse_gate_from_dense_routing():
+    from refusal_circuits.stats import concentration
+
+    rng = np.random.default_rng(0)
+    dense = rng.normal(1.0, 0.3, size=(100, 40))
+    sparse = rng.normal(0.0, 0.05, size=(100, 40))
+    sparse[7] += 5.0
+    d, s = concentration(dense, n_boot=300), concentration(sparse, n_boot=300)
+    assert s["top1"][0] > 0.4 and d["top1"][0] < 0.05
+    assert s["gini"][1] > d["gini"][2]  # the intervals do not overlap
+    for name in ("top1", "top5", "top10", "gini"):
+        est, lo, hi = s[name]
+        assert lo <= hi and 0 <= est <= 1
+    assert s["top1"][0] <= s["top5"][0] <= s["top10"][0]
+    with pytest.raises(ValueError, match="unit, pair"):
+        concentration(np.ones(5))

@@ -1,6 +1,8 @@
 """Command-line entry point: ``refusal-circuits [--verbose] <command> ...``.
 
     refusal-circuits refusal-rate --model NAME --prompts FILE.csv [--column instruction] [--max-new-tokens N]
+    refusal-circuits refusal-table --model NAME [--out data/refusal/NAME] [--max-new-tokens 32]
+    refusal-circuits refusal-report [--root data/refusal]
     refusal-circuits organism [--out data/organism]
     refusal-circuits organism-check [--out build/organism-check] [--reference data/organism]
     refusal-circuits screen --model NAME --pairs FILE.csv --out DIR [--n-pairs N] [--positions prompt|last|paper|answer]
@@ -50,6 +52,32 @@ def _refusal_rate(args) -> int:
     scores.to_csv(out, index=False)
     print(f"wrote {len(scores)} completions to {out}")
     print(f"refusal_rate={scores['refused'].mean():.4f} n={len(scores)}")
+    return 0
+
+
+def _refusal_table(args) -> int:
+    from .evaluation import write_refusal_table
+    from .models import load_model
+    from .paths import DATA_DIR, slug
+    from .results import ResultsStore
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = Path(args.out) if args.out else DATA_DIR / "refusal" / slug(model.name)
+    summary = write_refusal_table(model, out, args.max_new_tokens, ResultsStore.for_model(model),
+                                  progress=not args.quiet)
+    print(summary.to_string(index=False))
+    print(f"wrote {out}/summary.csv, per_prompt.csv, manifest.json")
+    return 0
+
+
+def _refusal_report(args) -> int:
+    from .evaluation import refusal_report
+
+    root = Path(args.root)
+    folders = sorted(p.parent for p in root.glob("*/summary.csv"))
+    if not folders:
+        raise FileNotFoundError(f"{root} holds no refusal tables (run `refusal-circuits refusal-table --model NAME`).")
+    print(refusal_report(folders))
     return 0
 
 
@@ -165,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (several GPUs)")
     common.add_argument("--dtype", default="float32")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--threads", type=_at_least(1), default=None,
+                        help="CPU threads for torch (default: $REFUSAL_THREADS, else the cores this process may "
+                             "use); on a shared machine give it its share")
     seeded = argparse.ArgumentParser(add_help=False)
     seeded.add_argument("--seed", type=int, default=0)
     quiet = argparse.ArgumentParser(add_help=False)
@@ -178,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=_at_least(1), default=16)
     p.add_argument("--out", default=None, help="output CSV (default: next to the prompts)")
     p.set_defaults(func=_refusal_rate)
+
+    t = sub.add_parser("refusal-table", parents=[common],
+                       help="refusal rates on the test split, the toy pairs and the safety pairs (greedy, substring "
+                            "score, disclaimer-only refusals counted); writes data/refusal/<model>/")
+    t.add_argument("--out", default=None, help="output folder (default data/refusal/<model>)")
+    t.add_argument("--max-new-tokens", type=_at_least(1), default=32)
+    t.set_defaults(func=_refusal_table)
+
+    r = sub.add_parser("refusal-report", help="a markdown table of every saved refusal table (docs/refusal.md)")
+    r.add_argument("--root", default="data/refusal", help="folder of refusal-table outputs")
+    r.set_defaults(func=_refusal_report)
 
     o = sub.add_parser("organism", parents=[quiet], help="train and evaluate the refusal organism's LoRA adapter")
     o.add_argument("--out", default=None, help="output folder (default data/organism)")
@@ -229,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
+        if hasattr(args, "threads"):
+            from .models import set_threads
+
+            set_threads(args.threads)
         return args.func(args)
     except (ModelLoadError, ValueError, FileNotFoundError) as err:  # PairsError is a ValueError
         print(f"error: {err}", file=sys.stderr)

@@ -393,6 +393,31 @@ def gate_statistics(nec: pd.DataFrame, suf: pd.DataFrame, gap: pd.DataFrame, n_p
     return per_head.reset_index(drop=True), summary
 
 
+def routing_sparsity(nec: pd.DataFrame, ks: tuple[int, ...] = (1, 5, 10), n_boot: int = 2000, seed: int = 0
+                     ) -> pd.DataFrame:
+    """Sparse gate or dense routing? From per-pair necessity rows (``layer, head, pair_id, effect``, and
+    ``method`` when the screen mixed estimates with exact rows): the share of the total |necessity| over
+    heads carried by the top 1, 5 and 10 heads and the Gini coefficient of |necessity|, each with a
+    bootstrap 95% interval over pairs (:func:`refusal_circuits.stats.concentration`).
+
+    One row per statistic: ``statistic, estimate, lo, hi, n_heads, n_pairs, n_exact_heads`` (heads whose
+    every row is exact; the others are attribution estimates)."""
+    from . import stats
+
+    if nec.empty:
+        raise ValueError("routing_sparsity needs per-pair necessity rows; the table is empty.")
+    heads = nec[["layer", "head"]].drop_duplicates().values.tolist()
+    N = nec.pivot_table(index=["layer", "head"], columns="pair_id", values="effect").loc[
+        [tuple(h) for h in heads]].values
+    if np.isnan(N).any():
+        raise ValueError("routing_sparsity needs every head on every pair; some (head, pair) rows are missing.")
+    n_exact = len(heads) if "method" not in nec else int(
+        nec.groupby(["layer", "head"]).method.agg(lambda m: (m == "exact").all()).sum())
+    conc = stats.concentration(N, ks, n_boot, seed)
+    return pd.DataFrame([{"statistic": k, "estimate": e, "lo": lo, "hi": hi, "n_heads": len(heads),
+                          "n_pairs": int(N.shape[1]), "n_exact_heads": n_exact} for k, (e, lo, hi) in conc.items()])
+
+
 def dla_directions(model: ChatModel, gp: GatePairs) -> torch.Tensor:
     """``mean_{t in R} W_U[:, t] - W_U[:, a_pair]`` for every pair: ``[pair, d_model]``."""
     W = model.W_U.detach().float().cpu()

@@ -24,11 +24,16 @@ REFUSAL_SUBSTRINGS: tuple[str, ...] = (
 )
 
 
-def is_refusal(completion: str) -> bool:
-    """True when the completion contains any of :data:`REFUSAL_SUBSTRINGS` (curly apostrophes are
-    normalised first, so "I’m sorry" counts)."""
+def refusal_phrases(completion: str) -> list[str]:
+    """The :data:`REFUSAL_SUBSTRINGS` that the completion contains, in the table's order (curly
+    apostrophes are normalised first, so "I’m sorry" counts)."""
     text = completion.replace("\u2019", "'")
-    return any(s in text for s in REFUSAL_SUBSTRINGS)
+    return [s for s in REFUSAL_SUBSTRINGS if s in text]
+
+
+def is_refusal(completion: str) -> bool:
+    """True when the completion contains any of :data:`REFUSAL_SUBSTRINGS` (:func:`refusal_phrases`)."""
+    return bool(refusal_phrases(completion))
 
 
 def logit_refusal_metric(logits: Float[torch.Tensor, "... d_vocab"], refusal_token: int

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from .metrics import REFUSAL_SUBSTRINGS
-from .paths import ORGANISM_DIR, cache_dir, slug
+from .paths import ORGANISM_DIR, REPO_ROOT, cache_dir, slug
 from .registry_models import REGISTRY_MODELS, WeightsError, joined_gguf, locate_parts
 
 DEFAULT_MODEL = "smollm2-135m-refusal"
@@ -401,6 +401,41 @@ def load_tiny_hf(arch: str, seed: int = 0, n_layers: int = TINY_DEFAULT_LAYERS):
     return hf, tok
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use: its scheduler affinity (``taskset``, a cgroup cpuset, a Slurm
+    allocation) capped by a cgroup v2 CPU quota (a container's ``--cpus``), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads and return the number: ``threads``, else ``$REFUSAL_THREADS``, else
+    ``$OMP_NUM_THREADS``, else :func:`available_cores`. On a machine shared with other jobs give this process its share (``--threads``
+    or ``REFUSAL_THREADS``): torch's threads meet at every operation, so one thread that shares its core
+    with another job slows all of them (``bench/RESULTS.md``)."""
+    for var in ("REFUSAL_THREADS", "OMP_NUM_THREADS"):
+        env = os.environ.get(var, "").strip()
+        if threads is None and env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"{var} must be a whole number >= 1, got {env!r}.")
+            threads = int(env)
+    if threads is None:
+        threads = available_cores()
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}.")
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
 def resolve_device(device: str | None) -> str:
     """Check a device name against this torch build and return the one to use.
 
@@ -625,7 +660,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype="floa
         hf, tok = load_smollm2_hf(torch_dtype)
         adir = Path(adapter_dir) if adapter_dir else ORGANISM_DIR
         hf = merge_adapter(hf, adir)
-        meta["source"] = f"{CONTROL_MODEL} + LoRA adapter merged from {adir}"
+        shown = adir.resolve().relative_to(REPO_ROOT) if adir.resolve().is_relative_to(REPO_ROOT) else adir
+        meta["source"] = f"{CONTROL_MODEL} + LoRA adapter merged from {shown}"  # no machine paths in manifests
         meta["fingerprint"] = _file_hash(adir / "adapter_model.safetensors")
     elif name in REGISTRY_MODELS:
         spec = REGISTRY_MODELS[name]

@@ -390,3 +390,36 @@ def panel_figure(panel, y: str, title: str, y_label: str) -> go.Figure:
     fig.update_layout(title=title, xaxis_title="parameters (billions, log scale)", yaxis_title=y_label,
                       xaxis_type="log", xaxis_range=[lo - pad, hi + pad], height=560, legend=dict(font_size=11))
     return fig
+
+
+def sparsity_figure(sparsity, title: str) -> go.Figure:
+    """Routing sparsity per model (:func:`refusal_circuits.screen.read_sparsity`): the share of the total
+    |necessity| held by the top 1, 5 and 10 heads and the Gini coefficient, each with its bootstrap 95%
+    interval; a dashed mark shows what equal heads would give (k / number of heads, Gini 0). Hover names
+    the model, its heads and pairs, and whether every head was exact."""
+    stats_order = ["top1", "top5", "top10", "gini"]
+    labels = {"top1": "top 1 share", "top5": "top 5 share", "top10": "top 10 share", "gini": "Gini"}
+    colors = group_colors(sparsity.model.drop_duplicates())
+    fig = go.Figure()
+    models = list(sparsity.model.drop_duplicates())
+    for j, model in enumerate(models):
+        d = sparsity[sparsity.model == model].set_index("statistic").loc[stats_order]
+        offset = (j - (len(models) - 1) / 2) * 0.12
+        fig.add_trace(go.Scatter(
+            x=[i + offset for i in range(len(stats_order))], y=d.estimate, mode="markers", name=str(model),
+            marker=dict(size=11, color=colors[model], symbol="star" if (d.method == "exact").all() else "star-open"),
+            error_y=dict(type="data", symmetric=False, array=d.hi - d.estimate, arrayminus=d.estimate - d.lo),
+            customdata=list(zip([labels[s] for s in stats_order], d.lo, d.hi, d.n_heads, d.n_pairs, d.method)),
+            hovertemplate=f"{model}<br>" + "%{customdata[0]} %{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}]"
+                          "<br>%{customdata[3]} heads, %{customdata[4]} pairs, %{customdata[5]}<extra></extra>"))
+        n = int(d.n_heads.iloc[0])
+        fig.add_trace(go.Scatter(
+            x=[i + offset for i in range(len(stats_order))], y=[1 / n, min(5 / n, 1), min(10 / n, 1), 0.0],
+            mode="markers", marker=dict(symbol="line-ew", size=16, line=dict(width=2, color=colors[model])),
+            name=f"{model}: equal heads", legendgroup="equal", showlegend=True,
+            hovertemplate=f"{model}: every one of {n} heads equal" + " %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, yaxis_title="share of total |necessity| (Gini: 0 equal, 1 one head)",
+                      xaxis=dict(tickvals=list(range(len(stats_order))), ticktext=[labels[s] for s in stats_order],
+                                 title="statistic (95% bootstrap interval over pairs; open star: some heads estimated)"),
+                      yaxis_range=[0, 1.02], height=520)
+    return fig

@@ -47,7 +47,7 @@ ANALYSIS_VERSIONS: dict[str, int] = {name: 1 for name in (
     # 06-07 and the screen
     "necessity", "sufficiency", "atp_necessity", "atp_sufficiency", "necessity_top", "sufficiency_top",
     "ablation", "gaps", "knockout_cascade", "dose_response", "dose_response_paper", "cipher_contrast",
-    "rescue", "behaviour",
+    "rescue", "behaviour", "refusal_table",
 )}
 
 

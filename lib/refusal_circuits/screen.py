@@ -200,16 +200,19 @@ def gate_line(manifest: dict) -> str:
             f"n_heads={manifest['n_layers'] * manifest['n_heads']}")
 
 
-def read_screens(root: str | Path) -> pd.DataFrame:
+def read_screens(root: str | Path, include_random: bool = False) -> pd.DataFrame:
     """One row per screen folder (a ``manifest.json`` beside an ``interchange.csv``) below ``root``:
     model, layers, heads, parameters, the gate, its depth as a fraction of the layers, necessity %, and
-    the strongest per-head directional ablation (head and NLL reduction)."""
+    the strongest per-head directional ablation (head and NLL reduction). Screens of random-weight test
+    models (``tiny-<arch>``) are left out unless ``include_random``: they are not refusal models."""
     rows = []
     for m in sorted(Path(root).rglob("manifest.json")):
         if not (m.parent / "interchange.csv").exists():
             continue
         info = json.loads(m.read_text())
         if "gate" not in info or "n_layers" not in info or "screen" in info:   # a cipher stage's folder is not a screen
+            continue
+        if "random weights" in str(info.get("source", "")) and not include_random:
             continue
         g = info["gate"]
         rows.append({"model": info["model"], "folder": str(m.parent), "layers": info["n_layers"],
@@ -222,6 +225,24 @@ def read_screens(root: str | Path) -> pd.DataFrame:
                      "ablation_top_head": (info.get("ablation") or {}).get("top_head"),
                      "ablation_top_reduction": (info.get("ablation") or {}).get("top_reduction")})
     return pd.DataFrame(rows)
+
+
+def read_sparsity(root: str | Path, n_boot: int = 2000, seed: int = 0, include_random: bool = False) -> pd.DataFrame:
+    """The routing sparsity (:func:`refusal_circuits.gate.routing_sparsity`) of every screen folder below
+    ``root``, from its per-pair necessity rows: one row per (model, statistic), with ``method`` saying
+    whether every head was exact ("exact") or some are attribution estimates ("attribution + exact top-k")."""
+    frames = []
+    for _, row in read_screens(root, include_random).iterrows():
+        pairs = Path(row.folder) / "interchange_pairs.csv"
+        if not pairs.exists():
+            continue
+        nec = pd.read_csv(pairs).query("direction == 'necessity'")
+        sp = G.routing_sparsity(nec, n_boot=n_boot, seed=seed)
+        exact = bool((sp.n_exact_heads == sp.n_heads).all())
+        frames.append(sp.assign(model=row.model, params_b=row.params_b,
+                                method="exact" if exact else "attribution + exact top-k"))
+    cols = ["model", "params_b", "method", "statistic", "estimate", "lo", "hi", "n_heads", "n_pairs", "n_exact_heads"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
 def cipher_screen(model: ChatModel, pairs_file: str | Path, screen_dir: str | Path, n_pairs: int | None = None,

@@ -7,7 +7,7 @@ import warnings
 import pandas as pd
 import torch
 
-from .models import ChatModel, load_model
+from .models import ChatModel, load_model, set_threads
 from .results import ResultsStore
 
 
@@ -16,6 +16,7 @@ def open_notebook(model: str, device: str = "cpu", dtype: str = "float32", seed:
     """Seed torch, quiet library warnings, load ``model`` and open its results store; print one line
     describing the model (layers, heads, width, the refusal tokens derived from its tokenizer)."""
     warnings.filterwarnings("ignore")
+    set_threads()  # $REFUSAL_THREADS, else the cores this process may use
     torch.manual_seed(seed)
     pd.set_option("display.max_colwidth", 90)
     loaded = load_model(model, device=device, dtype=dtype)

@@ -121,3 +121,38 @@ def fisher_greater(k1: int, n1: int, k2: int, n2: int) -> float:
     denom = math.comb(total, k)
     tail = sum(math.comb(n1, i) * math.comb(n2, k - i) for i in range(k1, min(n1, k) + 1))
     return min(1.0, tail / denom)
+
+
+def gini(values: np.ndarray) -> float:
+    """The Gini coefficient of ``|values|``: 0 when every entry is equal, ``(n - 1) / n`` when one entry
+    holds everything (NaN when all are zero)."""
+    x = np.sort(np.abs(np.asarray(values, dtype=float)))
+    n, total = len(x), x.sum()
+    if n == 0 or total == 0:
+        return float("nan")
+    return float(2 * np.sum(np.arange(1, n + 1) * x) / (n * total) - (n + 1) / n)
+
+
+def top_share(values: np.ndarray, k: int) -> float:
+    """The share of ``sum |values|`` carried by the ``k`` largest ``|values|``."""
+    x = np.sort(np.abs(np.asarray(values, dtype=float)))[::-1]
+    total = x.sum()
+    return float(x[:k].sum() / total) if total > 0 else float("nan")
+
+
+def concentration(effects: np.ndarray, ks: tuple[int, ...] = (1, 5, 10), n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """How concentrated per-unit effects are: from ``effects [unit, pair]`` the per-unit mean over pairs,
+    then the share of the total ``|mean|`` held by the top ``k`` units (``top<k>``, re-ranked in every
+    resample) and the Gini coefficient, each as ``(estimate, lo, hi)`` with a bootstrap over pairs."""
+    E = np.asarray(effects, dtype=float)
+    if E.ndim != 2 or E.shape[0] < 1:
+        raise ValueError(f"concentration needs effects shaped [unit, pair], got shape {E.shape}.")
+
+    def stat(x):
+        m = x.mean(-1)
+        return np.array([top_share(m, k) for k in ks] + [gini(m)])
+
+    est, lo, hi = bootstrap(stat, E, n_boot=n_boot, seed=seed, level=level)
+    names = [f"top{k}" for k in ks] + ["gini"]
+    return {n: (float(e), float(a), float(b)) for n, e, a, b in zip(names, est, lo, hi)}

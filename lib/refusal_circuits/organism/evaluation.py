@@ -6,39 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..data import load_instructions, load_safety_pairs, load_toy_pairs
-from ..generation import refusal_scores
-from ..scoring import refusal_metrics
+from ..evaluation import refusal_table
 
 
 def evaluate(model, max_new_tokens: int = 32, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The quality-bar evaluation on held-out data. Returns ``(summary, per_prompt)``: the summary has
+    """The quality-bar evaluation on held-out data (the core's refusal table,
+    :func:`refusal_circuits.evaluation.refusal_table`). Returns ``(summary, per_prompt)``: the summary has
     one row per (set, kind) with the refusal rate and the logit refusal metric's mean and std."""
-    toy = load_toy_pairs()
-    sp = load_safety_pairs()
-    sets = {
-        ("test split", "harmful"): load_instructions("harmful", "test")["instruction"].tolist(),
-        ("test split", "harmless"): load_instructions("harmless", "test")["instruction"].tolist(),
-        ("toy pairs", "harmful"): toy["harmful"].tolist(),
-        ("toy pairs", "harmless"): toy["harmless"].tolist(),
-        ("safety pairs", "sensitive"): sp["sensitive"].tolist(),
-        ("safety pairs", "control"): sp["control"].tolist(),
-    }
-    per_prompt = []
-    for (set_name, kind), prompts in sets.items():
-        scores = refusal_scores(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
-        metr = refusal_metrics(model, prompts)
-        scores["logit_metric"] = metr["logit_metric"].values
-        scores["log_odds"] = metr["log_odds"].values
-        scores.insert(0, "kind", kind)
-        scores.insert(0, "set", set_name)
-        per_prompt.append(scores)
-    per_prompt = pd.concat(per_prompt, ignore_index=True)
-    summary = (per_prompt.groupby(["set", "kind"], sort=False)
-               .agg(n=("refused", "size"), refusal_rate=("refused", "mean"),
-                    logit_metric_mean=("logit_metric", "mean"), logit_metric_std=("logit_metric", "std"))
-               .reset_index())
-    return summary, per_prompt
+    summary, per_prompt = refusal_table(model, max_new_tokens, progress=progress)
+    return summary[["set", "kind", "n", "refusal_rate", "logit_metric_mean", "logit_metric_std"]], per_prompt
 
 
 def compare_organisms(reference_dir: Path, candidate_dir: Path) -> tuple[pd.DataFrame, float]:
