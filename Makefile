@@ -89,6 +89,7 @@ organism-check: venv
 ## Benchmarks (bench/RESULTS.md): the gate screen, the routing/cipher shortcuts, the patching engine, the organism's fine-tune step
 bench: venv
 	$(PY) bench/bench_screen.py
+	$(PY) bench/bench_sizes.py
 	$(PY) bench/bench_routing.py
 	$(PY) bench/bench_patching.py
 	$(PY) bench/bench_organism.py

@@ -407,27 +407,35 @@ print(f"cos(d at L{det.layer}, notebook 02's r̂ at L{r_hat.layer}) = {cos_d:.2f
 # %% [markdown]
 # ## The panel
 #
-# Every screen folder under `results/screen/` (this notebook's, and any written by `refusal-circuits screen`),
-# beside the paper's twelve published gates (layer counts, sizes and gates from `data/reference_numbers.csv`).
-# To add a model, run one screen per model — independent jobs, e.g. on a cluster:
+# Our screens beside the paper's twelve published gates (layer counts, sizes and gates from
+# `data/reference_numbers.csv`). Ours are the committed screen folders in `data/screens/` (tables and
+# manifests, no weights, as the paper ships its saved results: the organism's exact screen of every head and
+# the two real Qwen2.5-Coder-Instruct models', each with its `cipher/` stage) and every folder under
+# `results/screen/` — this notebook's own screen, which replaces the committed one of the same weights, and
+# any written by `refusal-circuits screen`. To add a model, run one screen per model (independent jobs, e.g.
+# on a cluster):
 #
 #     refusal-circuits screen --model Qwen/Qwen2.5-7B-Instruct --pairs data/safety_pairs.csv \\
 #         --out results/screen/Qwen--Qwen2.5-7B-Instruct --device cuda --dtype bfloat16
 #     refusal-circuits screen --model meta-llama/Llama-3.3-70B-Instruct ... --device auto   # several GPUs
 #
 # and rerun this section. (The paper's necessity % comes from ~10 candidate heads per model and its `paper`
-# positions; ours from every head, `prompt` positions.)
+# positions; ours from every head or from attribution with exact confirmation, `prompt` positions.)
 
 # %%
-ours = rc.screen.read_screens(rc.paths.results_dir() / "screen").assign(source="ours (every head)")
+screens_committed = rc.paths.DATA_DIR / "screens"
+ours = rc.screen.read_screens([screens_committed, rc.paths.results_dir() / "screen"])
+ours["source"] = ["ours (this notebook)" if f.startswith(str(rc.paths.results_dir())) else "ours (committed screens)"
+                  for f in ours.folder]
 ref = rc.reference.reference_table()
 wide = lambda exp: ref[ref.experiment == exp].pivot_table(index="model", columns="quantity", values="value", aggfunc="first")
-paper = wide("panel").join(wide("gate")).join(wide("ablation")).reset_index()
+paper = wide("panel").join(wide("gate")).join(wide("ablation")).join(wide("cipher_collapse")).reset_index()
 paper = pd.DataFrame({"model": paper.model, "layers": paper.layers.astype(int), "heads": paper.heads.astype(int),
                       "params_b": paper["params (B)"].astype(float), "gate": paper.gate,
                       "gate_layer": paper.gate.str.extract(r"L(\d+)H")[0].astype(int),
                       "necessity_pct": paper["necessity %"].astype(float),
                       "ablation_top_reduction": pd.to_numeric(paper["top NLL reduction"]),
+                      "collapse_pct": pd.to_numeric(paper["collapse %"]),
                       "source": "paper (arXiv 2604.04385)"})
 paper["gate_depth"] = paper.gate_layer / (paper.layers - 1)
 panel = pd.concat([paper, ours[paper.columns.intersection(ours.columns)]], ignore_index=True)
@@ -435,33 +443,69 @@ for col, title, ylab in (
         ("gate_depth", "Gate depth as a fraction of the layers, by model size", "gate layer / (layers − 1)"),
         ("necessity_pct", "The gate's interchange necessity, by model size", "necessity (% of the NLL gap)"),
         ("ablation_top_reduction", "Strongest per-head directional ablation, by model size",
-         "NLL reduction (strongest head)")):
+         "NLL reduction (strongest head)"),
+        ("collapse_pct", "The gate's necessity lost under the cipher, by model size", "cipher collapse (%)")):
     fig = rc.plotting.panel_figure(panel.dropna(subset=[col]), col, title=title, y_label=ylab)
     show(fig, f"06_panel_{col}", model.slug).show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(panel[["source", "model", "layers", "heads", "gate", "necessity_pct", "ablation_top_reduction"]]
+print(panel[["source", "model", "layers", "heads", "gate", "necessity_pct", "ablation_top_reduction", "collapse_pct"]]
       .round(3).fillna("—").to_string(index=False))
 
-
 # %% [markdown]
+# ### A real scaling pair: Qwen2.5-Coder 0.5B → 1.5B
+#
+# The paper's scaling claim: per-head directional ablation weakens as models grow (up to 58× from
+# Qwen2.5-7B to -72B) while interchange still finds the gate. Its pair is 10× apart in size; ours, the two
+# committed Qwen2.5-Coder-Instruct screens, 3×. The criterion, fixed before the numbers: the claim **holds**
+# on our pair when the strongest head's NLL reduction is smaller in the 1.5B (the ratio 0.5B / 1.5B has a 95%
+# interval above 1, the strongest head re-chosen in every resample of the pairs) **and** the 1.5B's gate
+# survives the family-wise test over its exactly confirmed heads (p_fwer ≤ 0.01); it **fails** when the
+# ratio's interval is below 1 or the gate does not survive, and is **inconclusive** otherwise.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+small_dir, large_dir = (screens_committed / m for m in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"))
+scaling_ref = rc.reference.value("scaling", "per-head ablation strength drop (max)")
+try:
+    sc = rc.screen.scaling_pair(small_dir, large_dir, seed=SEED)
+except FileNotFoundError as err:
+    print(f"the scaling pair: not testable here ({err})")
+else:
+    for k in ("small", "large"):
+        r = sc[k]
+        print(f"{r['model']} ({r['params_b']:.2f}B): strongest ablated head {r['ablation_top_head']} reduces the NLL by "
+              f"{r['ablation_top_reduction']:.3f}; gate {r['gate']} ({r['necessity_pct']:.1f}% necessity, "
+              f"p_fwer {r['gate_p_fwer']:.4f} over {r['n_exact_heads']} exact heads)")
+    weaker = sc["ratio_lo"] > 1
+    found = sc["large"]["gate_p_fwer"] is not None and sc["large"]["gate_p_fwer"] <= 0.01
+    verdict = ("holds" if weaker and found else "fails" if sc["ratio_hi"] < 1 or not found else "inconclusive")
+    print(f"ablation strength 0.5B / 1.5B: {sc['ratio']:.2f}× [{sc['ratio_lo']:.2f}, {sc['ratio_hi']:.2f}] "
+          f"(paper, Qwen2.5-7B → 72B: {scaling_ref}); the 1.5B's gate survives the family-wise test: "
+          f"{'yes' if found else 'no'} → {verdict}")
+
+
 # ## Sparse gate or dense routing?
 #
 # The two write-ups disagree: the seed write-up finds refusal computed densely (many components, none
 # decisive), the paper a sparse gate. Each screen's per-pair necessity rows answer it for its model: the share
 # of the total |necessity| over heads that the top 1, 5 and 10 heads carry, and the Gini coefficient of
 # |necessity|, with bootstrap 95% intervals over pairs. Equal heads would give k / (number of heads) and a
-# Gini of 0 (the dashes). Committed screens of every head (`data/screens/`, tables and manifests as the
-# paper ships its saved results) are read beside this notebook's own screen (open star: its heads outside
-# the exact top-k are attribution estimates).
+# Gini of 0 (the dashes). The committed screens (`data/screens/`) are read beside this notebook's own screen.
+# A filled star is a screen whose every head is exact (the organism's 270); an open star one whose heads
+# outside the exactly confirmed top are attribution estimates (this notebook's screen, and the Qwen models',
+# where an exact screen of every head does not fit these CPUs: `bench/RESULTS.md`). On the organism the
+# estimate ranks the heads with Spearman 0.95 against the exact screen, so an open star is an estimate of the
+# same quantity, not a different one. The paper's own models cannot be placed here: its saved per-head
+# interchange tables hold only its ~10 candidate heads per model, and a share of the total needs every head.
 #
 # The criterion, fixed before the numbers: the routing is **sparse** when the top 10 heads carry at least
 # half of the total |necessity| (the interval's lower end ≥ 0.5), **dense** when the interval's upper end is
-# below 0.5, and undecided otherwise.
+# below 0.5, and inconclusive otherwise.
 
 # %%
-sparsity = pd.concat([rc.screen.read_sparsity(rc.paths.DATA_DIR / "screens", seed=SEED),
+sparsity = pd.concat([rc.screen.read_sparsity(screens_committed, seed=SEED),
                       rc.screen.read_sparsity(screen_dir, seed=SEED, include_random=True)
                         .assign(model=lambda d: d.model + " (this notebook)")],
                      ignore_index=True)
@@ -471,7 +515,7 @@ show(rc.plotting.sparsity_figure(sparsity, "How much of the total |necessity| th
 # %%
 # NBVAL_CHECK_OUTPUT
 top10 = sparsity[sparsity.statistic == "top10"].set_index("model")
-picture = lambda r: "sparse" if r.lo >= 0.5 else "dense" if r.hi < 0.5 else "undecided"
+picture = lambda r: "sparse" if r.lo >= 0.5 else "dense" if r.hi < 0.5 else "inconclusive"
 for m, r in top10.iterrows():
     g = sparsity[(sparsity.model == m) & (sparsity.statistic == "gini")].iloc[0]
     print(f"{m}: top 10 of {r.n_heads} heads carry {r.estimate:.0%} [{r.lo:.0%}, {r.hi:.0%}] of |necessity| "
@@ -539,12 +583,13 @@ C.add("removing d turns refusal into compliance",
 C.add("adding d makes the controls refuse",
     f"controls classed refusal: {r.refusal['control', lo]:.0%} → {r.refusal['control', hi]:.0%}",
     "the refusal share rises", r.refusal["control", hi] > r.refusal["control", lo])
-# the committed exact screen of this model when there is one (every head exact), else this notebook's screen
-own = top10.loc[model.name] if model.name in top10.index else top10.loc[f"{model.name} (this notebook)"]
+# the committed screen of these very weights when there is one (every head exact), else this notebook's screen
+mine = top10[top10.weights == model.meta.get("fingerprint")]
+own = mine.loc[model.name] if model.name in mine.index else top10.loc[f"{model.name} (this notebook)"]
 C.add("refusal routes through a sparse set of heads (the paper), not densely (the seed write-up)",
     f"top 10 of {own.n_heads} heads carry {own.estimate:.0%} [{own.lo:.0%}, {own.hi:.0%}] of the total |necessity| "
     f"({own.method})", "sparse: the interval's lower end ≥ 50%; dense: its upper end < 50% (two-sided)",
-    own.lo >= 0.5, precondition=(own.lo >= 0.5 or own.hi < 0.5, "the interval straddles 50%"))
+    True if own.lo >= 0.5 else False if own.hi < 0.5 else rc.reference.INCONCLUSIVE)
 C.add("the gate is one of notebook 04's direct heads (it moves the subject to the last position)",
     f"{gate_label}: class {meet.loc[gate_label, 'class']}, direct score {meet.loc[gate_label, 'direct_mean']:.2f}",
     "direct score ≥ 0.2 (notebook 04's threshold)", meet.loc[gate_label, "direct_mean"] >= 0.2)

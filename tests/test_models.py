@@ -185,3 +185,10 @@ def test_threads_come_from_the_argument_the_environment_or_the_cores(monkeypatch
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_middle_third_is_the_middle_layer_group():
+    from refusal_circuits.models import middle_third
+
+    assert list(middle_third(18)) == list(range(6, 12)) and list(middle_third(30)) == list(range(10, 20))
+    assert list(middle_third(2)) == [1] and list(middle_third(1)) == [0]

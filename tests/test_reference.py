@@ -50,10 +50,14 @@ def test_conclusion_verdicts_can_fail_and_name_untestable_claims(capsys):
     assert c.add("c", "—", "x ≥ 0.5", None, precondition=(False, "no direct heads")) == "not testable here (no direct heads)"
     with pytest.raises(ValueError, match="no outcome"):
         c.add("d", "—", "x", None)
+    # an interval that straddles the threshold decides neither way, and says so
+    assert c.add("e", "0.4 [0.3, 0.6]", "lo ≥ 0.5 or hi < 0.5", reference.INCONCLUSIVE) == "inconclusive"
+    with pytest.raises(ValueError, match="must be True, False"):
+        c.add("f", "—", "x", "maybe")
     c.show()
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == "- b: 0.1. Criterion: x ≥ 0.5. → does not hold" and len(out) == 3
-    assert list(c.table().verdict) == ["holds", "does not hold", "not testable here (no direct heads)"]
+    assert out[1] == "- b: 0.1. Criterion: x ≥ 0.5. → does not hold" and len(out) == 4
+    assert list(c.table().verdict) == ["holds", "does not hold", "not testable here (no direct heads)", "inconclusive"]
 
 
 def test_conclusion_requires_a_model_that_refuses(capsys):

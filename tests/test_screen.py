@@ -143,6 +143,11 @@ def test_attribution_screen_confirms_its_top_k_exactly(tmp_path, pairs_csv, caps
     abl = pd.read_csv(tmp_path / "atp" / "ablation.csv")
     assert {"layer", "head", "reduction", "reduction_pct", "rank"} <= set(abl.columns)
     assert at["ablation"]["top_head"] == f"L{abl.layer[0]}H{abl['head'][0]}"
+    # the per-pair rows behind the summary (the scaling pair's bootstrap reads them)
+    per_pair = pd.read_csv(tmp_path / "atp" / "ablation_pairs.csv")
+    assert len(per_pair) == 3 * len(abl)
+    means = per_pair.groupby(["layer", "head"]).reduction.mean()
+    assert abl.set_index(["layer", "head"]).reduction.values == pytest.approx(means.loc[list(zip(abl.layer, abl["head"]))].values)
 
 
 @pytest.mark.parametrize("arch", ["tiny-gemma-2l", "tiny-gemma2-2l", "tiny-qwen3-2l", "tiny-phi3-2l", "tiny-mistral-2l", "tiny-glm4-2l"])
@@ -189,3 +194,49 @@ def test_align_start_is_the_papers_positions_and_equals_its_loop(tmp_path, pairs
     with pytest.raises(SystemExit) as exit_:
         main(["screen", "--model", "tiny-llama-2l", "--pairs", str(pairs_csv), "--out", str(out), "--positions", "middle"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def _planted_screen(folder, model, weights, n_params, reductions, gate="L3H1"):
+    """A screen folder with a manifest and per-pair ablation rows (``reductions[head] = mean``)."""
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    (folder / "interchange.csv").write_text("layer,head\n")
+    layer, head = map(int, gate[1:].split("H"))
+    (folder / "manifest.json").write_text(json.dumps({
+        "model": model, "weights": weights, "n_layers": 8, "n_heads": 4, "n_params": n_params, "n_pairs": 20,
+        "positions": "prompt", "method": "attribution", "n_exact_heads": 18, "statistics": {"gate_p_fwer": 0.001},
+        "gate": {"layer": layer, "head": head, "necessity_pct": 3.0, "sufficiency_pct": 1.0, "dla_rank": 9},
+        "ablation": {"top_head": "L1H0", "top_reduction": max(reductions)}}))
+    rng = np.random.default_rng(int(n_params))
+    rows = [{"layer": 1, "head": h, "pair_id": p, "reduction": m + rng.normal(0, 0.01)}
+            for h, m in enumerate(reductions) for p in range(20)]
+    pd.DataFrame(rows).to_csv(folder / "ablation_pairs.csv", index=False)
+
+
+def test_read_screens_keeps_the_last_roots_copy_of_a_model(tmp_path):
+    from refusal_circuits.screen import read_screens
+
+    _planted_screen(tmp_path / "data" / "m", "m", "w1", 5e8, [0.5, 0.1])
+    _planted_screen(tmp_path / "data" / "n", "n", "w2", 1.5e9, [0.2, 0.1])
+    _planted_screen(tmp_path / "results" / "m", "m", "w1", 5e8, [0.7, 0.1], gate="L5H2")
+    _planted_screen(tmp_path / "results" / "m-other", "m", "w9", 5e8, [0.7, 0.1])   # other weights: its own row
+    panel = read_screens([tmp_path / "data", tmp_path / "results"])
+    assert sorted(zip(panel.model, panel.weights)) == [("m", "w1"), ("m", "w9"), ("n", "w2")]
+    assert panel.set_index("weights").loc["w1", "gate"] == "L5H2"            # the later root's screen
+    assert panel.set_index("weights").loc["w2", "gate_p_fwer"] == 0.001
+
+
+def test_scaling_pair_measures_the_weakening_of_the_strongest_head(tmp_path):
+    from refusal_circuits.screen import scaling_pair
+
+    _planted_screen(tmp_path / "small", "s", "w1", 5e8, [0.1, 0.8, 0.3])
+    _planted_screen(tmp_path / "large", "l", "w2", 1.5e9, [0.05, 0.2, 0.1])
+    r = scaling_pair(tmp_path / "small", tmp_path / "large", n_boot=300)
+    assert r["small"]["ablation_top_reduction"] == pytest.approx(0.8, abs=0.01)
+    assert r["large"]["ablation_top_reduction"] == pytest.approx(0.2, abs=0.01)
+    assert r["ratio"] == pytest.approx(4, rel=0.05) and r["ratio_lo"] > 3 and r["ratio_hi"] < 5
+    assert r["large"]["gate"] == "L3H1" and r["small"]["gate_p_fwer"] == 0.001
+    (tmp_path / "large" / "ablation_pairs.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="refusal-circuits screen"):
+        scaling_pair(tmp_path / "small", tmp_path / "large")

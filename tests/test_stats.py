@@ -96,3 +96,20 @@ def test_concentration_separates_a_planted_sparse_gate_from_dense_routing():
     assert s["top1"][0] <= s["top5"][0] <= s["top10"][0]
     with pytest.raises(ValueError, match="unit, pair"):
         concentration(np.ones(5))
+
+
+def test_strongest_ratio_finds_a_planted_weakening_and_not_a_null():
+    from refusal_circuits.stats import strongest_ratio
+
+    rng = np.random.default_rng(0)
+    small = rng.normal(0, 0.05, size=(6, 40))
+    small[2] += 1.0                                   # one strong head, mean reduction 1.0
+    large = rng.normal(0, 0.05, size=(9, 30))
+    large[7] += 0.1                                   # ten times weaker, on other pairs
+    r = strongest_ratio(small, large, n_boot=500)
+    assert r["ratio"] == pytest.approx(small.mean(1).max() / large.mean(1).max())
+    assert 7 < r["lo"] <= r["ratio"] <= r["hi"] < 20
+    same = strongest_ratio(small, small[:, ::-1].copy(), n_boot=500)
+    assert same["lo"] < 1 < same["hi"]
+    with pytest.raises(ValueError, match="unit, pair"):
+        strongest_ratio(small[0], large)

@@ -42,7 +42,7 @@ def middle_layers(model: ChatModel, layers: str | Sequence[int] = "middle") -> l
     """``"middle"`` (the middle third of the depth, the write-up's L6-L12 of 18), ``"all"``, or a list."""
     if isinstance(layers, str):
         if layers == "middle":
-            return list(model.layer_groups(3)[1])
+            return list(model.middle_third)
         if layers == "all":
             return list(range(model.n_layers))
         raise ValueError(f"layers must be 'middle', 'all' or a list of layer indices, got {layers!r}.")

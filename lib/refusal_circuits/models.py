@@ -42,7 +42,10 @@ DEFAULT_MODEL = "smollm2-135m-refusal"
 CONTROL_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-TINY_ARCHITECTURES = ("gemma", "gemma2", "llama", "qwen2", "qwen3", "phi3", "mistral", "glm4")
+#: each ``tiny-<arch>``'s transformers config class
+TINY_CONFIGS = {"gemma": "GemmaConfig", "gemma2": "Gemma2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config",
+                "qwen3": "Qwen3Config", "phi3": "Phi3Config", "mistral": "MistralConfig", "glm4": "Glm4Config"}
+TINY_ARCHITECTURES = tuple(TINY_CONFIGS)
 #: the depth of ``tiny-<arch>`` when its name does not give one
 TINY_DEFAULT_LAYERS = 6
 
@@ -111,6 +114,11 @@ class ChatModel:
         depth by default, the write-up's early / middle / late."""
         return layer_groups(self.n_layers, n_groups)
 
+    @property
+    def middle_third(self) -> range:
+        """The middle third of the layers (:func:`middle_third`)."""
+        return middle_third(self.n_layers)
+
     # ---- prompts ------------------------------------------------------------------------------
     def format_prompt(self, instruction: str) -> str:
         """The instruction as a user turn in the model's own chat template, generation prompt added."""
@@ -137,6 +145,13 @@ def layer_groups(n_layers: int, n_groups: int = 3) -> list[range]:
         raise ValueError(f"n_groups must be between 1 and n_layers={n_layers}, got {n_groups}.")
     bounds = [round(i * n_layers / n_groups) for i in range(n_groups + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(n_groups)]
+
+
+def middle_third(n_layers: int) -> range:
+    """The middle of :func:`layer_groups`'s three (the write-up's L6-L12 of 18); for a model of fewer than
+    three layers, the middle of the groups it has."""
+    groups = layer_groups(n_layers, min(3, n_layers))
+    return groups[min(1, len(groups) - 1)]
 
 
 #: extra chat-template arguments, for every family (the paper's code passes the same)
@@ -369,19 +384,14 @@ def _tiny_config(arch: str, vocab_size: int, n_layers: int = TINY_DEFAULT_LAYERS
         num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, max_position_embeddings=512,
         pad_token_id=2, bos_token_id=1, eos_token_id=2,
     )
-    classes = {
-        "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
-        "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
-        "mistral": transformers.MistralConfig, "glm4": transformers.Glm4Config,
-    }
-    parse_tiny(arch)
+    if arch not in TINY_CONFIGS:
+        raise ModelLoadError(f"Unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}.")
     extra = {}
     if arch == "gemma2":  # a short window, so sliding and global layers really differ in the tests
         # Gemma-2's own pattern: even layers slide, odd layers are global (so every depth >= 2 has one)
         extra = dict(sliding_window=4, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
                                                     for i in range(n_layers)])
-    return classes[arch](**common, **extra)
+    return getattr(transformers, TINY_CONFIGS[arch])(**common, **extra)
 
 
 def load_tiny_hf(arch: str, seed: int = 0, n_layers: int = TINY_DEFAULT_LAYERS):
@@ -519,8 +529,7 @@ def check_model(name: str, device: str | None = None, dtype="float32") -> str:
         return f"{name} (random weights) on {dev}"
     if name in REGISTRY_MODELS:
         spec = REGISTRY_MODELS[name]
-        if not (registry_converted_dir(name) / "config.json").exists() and not (
-                spec.joined_path.is_file() and spec.joined_path.stat().st_size == spec.size):
+        if not (registry_converted_dir(name) / "config.json").exists() and not spec.joined_cached:
             try:
                 locate_parts(spec)
             except WeightsError as err:

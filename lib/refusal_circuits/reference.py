@@ -126,7 +126,7 @@ def show(experiment: str, ours: dict, our_model: str, model: str | None = None) 
 # Conclusions: claim by claim, each a stated test that can fail
 # ------------------------------------------------------------------------------------------------
 
-HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "not testable here"
+HOLDS, FAILS, UNTESTABLE, INCONCLUSIVE = "holds", "does not hold", "not testable here", "inconclusive"
 
 
 class Conclusion:
@@ -135,7 +135,8 @@ class Conclusion:
     ``add(claim, ours, criterion, ok)`` records one claim: ``ours`` is our number (with the reference
     beside it, from the table), ``criterion`` the test stated before the number, ``ok`` its outcome.
     ``precondition=(holds, why)`` turns the verdict into "not testable here (why)" when the claim cannot
-    be asked of this model (``ok`` is then not consulted, so it may be None).
+    be asked of this model (``ok`` is then not consulted, so it may be None). ``ok="inconclusive"`` is a
+    testable claim whose data decide neither way (an interval that straddles the criterion's threshold).
 
     ``requires=(holds, why)`` is the notebook's precondition, shared by every claim: the write-ups'
     claims are about how a model refuses, so on a model that does not refuse (a random-weight tiny
@@ -145,7 +146,7 @@ class Conclusion:
         self.requires = (bool(requires[0]), str(requires[1]))
         self.rows: list[dict] = []
 
-    def add(self, claim: str, ours: str, criterion: str, ok: bool | None,
+    def add(self, claim: str, ours: str, criterion: str, ok: bool | str | None,
             precondition: tuple[bool, str] = (True, "")) -> str:
         testable, why = precondition
         if not self.requires[0]:  # the reason is printed once, above the claims
@@ -154,6 +155,10 @@ class Conclusion:
             verdict = f"{UNTESTABLE} ({why})" if why else UNTESTABLE
         elif ok is None:
             raise ValueError(f"claim {claim!r} is testable but has no outcome: pass ok=True/False or a failing precondition.")
+        elif isinstance(ok, str):
+            if ok != INCONCLUSIVE:
+                raise ValueError(f"claim {claim!r}: ok must be True, False or {INCONCLUSIVE!r}, got {ok!r}.")
+            verdict = INCONCLUSIVE
         else:
             verdict = HOLDS if bool(ok) else FAILS
         self.rows.append({"claim": claim, "ours": ours, "criterion": criterion, "verdict": verdict})

@@ -82,6 +82,12 @@ class RegistryModel:
         """The joined GGUF file in the conversion cache (named by its sha256)."""
         return cache_dir() / "gguf" / f"{self.name}-{self.sha256[:12]}.gguf"
 
+    @property
+    def joined_cached(self) -> bool:
+        """Whether the joined file is already in the cache (at its pinned size; its sha256 was checked when
+        it was written)."""
+        return self.joined_path.is_file() and self.joined_path.stat().st_size == self.size
+
 
 def _digest(path: Path, block: int = 1 << 22) -> tuple[int, str]:
     h, n = hashlib.sha256(), 0
@@ -123,7 +129,7 @@ def joined_gguf(model: RegistryModel) -> Path:
     """The joined GGUF file, written once into the cache (parts checked, joined, checked, renamed into
     place). A cached file of the wrong size is rejoined."""
     target = model.joined_path
-    if target.is_file() and target.stat().st_size == model.size:
+    if model.joined_cached:
         return target
     paths = locate_parts(model)
     check_parts(model, paths)

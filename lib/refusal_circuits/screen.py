@@ -15,6 +15,7 @@ and per-head directional ablation of the candidate heads (:mod:`refusal_circuits
   sufficiency_pct, gap, method, p_fwer`` (the family-wise permutation p over the exact heads);
 * ``DIR/head_dla.csv`` -- ``layer, head, dla, ci_lo, ci_hi``;
 * ``DIR/ablation.csv`` -- ``layer, head, reduction, reduction_pct, rank`` for the candidate heads;
+* ``DIR/ablation_pairs.csv`` -- every (candidate head, pair) NLL ``baseline, ablated, reduction``;
 * ``DIR/interchange_pairs.csv`` -- every (head, pair, direction) effect, with its ``method``;
 * ``DIR/attribution.csv`` (``method="attribution"``) -- every head's estimated ``necessity_pct,
   sufficiency_pct, combined`` and its rank by the estimate, the confirmed heads included;
@@ -151,6 +152,7 @@ def screen(model: ChatModel, pairs_file: str | Path, out_dir: str | Path, n_pair
                                      checkpoint=store.checkpoint("ablation", {**key, "heads": cands}))
         abl_sum = R.summarise_ablation(abl, mean_gap)
         atomic_write(out / "ablation.csv", lambda p: abl_sum.to_csv(p, index=False))
+        atomic_write(out / "ablation_pairs.csv", lambda p: abl.to_csv(p, index=False))
         best = abl_sum.iloc[0]
         g_abl = abl_sum[(abl_sum.layer == gate.layer) & (abl_sum["head"] == gate["head"])].iloc[0]
         abl_info = {"detection_layer": det.layer, "alpha": 5.0, "n_heads": len(cands),
@@ -200,48 +202,92 @@ def gate_line(manifest: dict) -> str:
             f"n_heads={manifest['n_layers'] * manifest['n_heads']}")
 
 
-def read_screens(root: str | Path, include_random: bool = False) -> pd.DataFrame:
-    """One row per screen folder (a ``manifest.json`` beside an ``interchange.csv``) below ``root``:
-    model, layers, heads, parameters, the gate, its depth as a fraction of the layers, necessity %, and
-    the strongest per-head directional ablation (head and NLL reduction). Screens of random-weight test
-    models (``tiny-<arch>``) are left out unless ``include_random``: they are not refusal models."""
+def _screen_folders(roots, include_random: bool):
+    """``(folder, manifest)`` of every screen folder below ``roots`` (one folder or several)."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    for root in roots:
+        for m in sorted(Path(root).rglob("manifest.json")):
+            if not (m.parent / "interchange.csv").exists():
+                continue
+            info = json.loads(m.read_text())
+            if "gate" not in info or "n_layers" not in info or "screen" in info:   # a cipher stage's folder is not a screen
+                continue
+            if "random weights" in str(info.get("source", "")) and not include_random:
+                continue
+            yield m.parent, info
+
+
+def read_screens(roots, include_random: bool = False) -> pd.DataFrame:
+    """One row per screen folder (a ``manifest.json`` beside an ``interchange.csv``) below ``roots`` (a
+    folder or a list of them): model, weights fingerprint, layers, heads, parameters, the gate, its depth as
+    a fraction of the layers, necessity %, its family-wise p, the strongest per-head directional
+    ablation (head and NLL reduction), and the gate's cipher collapse % where ``cipher`` ran on the folder. A model screened under several roots (the same name and weights)
+    keeps the row of the last root, e.g. a notebook's own screen over a committed one. Screens of
+    random-weight test models (``tiny-<arch>``) are left out unless ``include_random``: they are not
+    refusal models."""
     rows = []
-    for m in sorted(Path(root).rglob("manifest.json")):
-        if not (m.parent / "interchange.csv").exists():
-            continue
-        info = json.loads(m.read_text())
-        if "gate" not in info or "n_layers" not in info or "screen" in info:   # a cipher stage's folder is not a screen
-            continue
-        if "random weights" in str(info.get("source", "")) and not include_random:
-            continue
+    for folder, info in _screen_folders(roots, include_random):
         g = info["gate"]
-        rows.append({"model": info["model"], "folder": str(m.parent), "layers": info["n_layers"],
-                     "heads": info["n_heads"], "params_b": info["n_params"] / 1e9,
+        cipher = folder / "cipher" / "manifest.json"
+        collapse = json.loads(cipher.read_text())["gate"]["collapse_abs"] if cipher.exists() else None
+        rows.append({"model": info["model"], "weights": info.get("weights", ""), "folder": str(folder),
+                     "layers": info["n_layers"], "heads": info["n_heads"], "params_b": info["n_params"] / 1e9,
                      "positions": info.get("positions", E.ALIASES.get(info.get("align"), info.get("align"))),
                      "n_pairs": info["n_pairs"], "gate": f"L{g['layer']}H{g['head']}", "gate_layer": g["layer"],
                      "gate_depth": g["layer"] / max(info["n_layers"] - 1, 1), "necessity_pct": g["necessity_pct"],
                      "sufficiency_pct": g["sufficiency_pct"], "dla_rank": g["dla_rank"],
-                     "method": info.get("method", "exact"),
+                     "gate_p_fwer": (info.get("statistics") or {}).get("gate_p_fwer"),
+                     "method": info.get("method", "exact"), "n_exact_heads": info.get("n_exact_heads"),
                      "ablation_top_head": (info.get("ablation") or {}).get("top_head"),
-                     "ablation_top_reduction": (info.get("ablation") or {}).get("top_reduction")})
-    return pd.DataFrame(rows)
+                     "ablation_top_reduction": (info.get("ablation") or {}).get("top_reduction"),
+                     "collapse_pct": None if collapse is None else 100 * collapse})
+    df = pd.DataFrame(rows)
+    return df.drop_duplicates(["model", "weights"], keep="last").reset_index(drop=True) if len(df) else df
 
 
-def read_sparsity(root: str | Path, n_boot: int = 2000, seed: int = 0, include_random: bool = False) -> pd.DataFrame:
+def scaling_pair(small_dir: str | Path, large_dir: str | Path, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The paper's scaling claim on two screened models of one family: per-head directional ablation
+    weakens with size while interchange still finds the gate. From each folder's ``ablation_pairs.csv``,
+    the strongest head's mean NLL reduction and the ratio small / large with a bootstrap interval
+    (:func:`refusal_circuits.stats.strongest_ratio`: the strongest head re-chosen in every resample, each
+    model's pairs resampled on their own); and from each manifest, the gate, its necessity % and its
+    family-wise p. Raises ``FileNotFoundError`` naming the screen to run when a folder lacks the tables."""
+    from . import stats as S
+
+    out = {}
+    mats = []
+    for key, d in (("small", Path(small_dir)), ("large", Path(large_dir))):
+        if not (d / "manifest.json").exists() or not (d / "ablation_pairs.csv").exists():
+            raise FileNotFoundError(f"{d} has no screen with per-pair ablation rows: run `refusal-circuits screen "
+                                    f"--model ... --out {d}` (without --no-ablation).")
+        info = json.loads((d / "manifest.json").read_text())
+        abl = pd.read_csv(d / "ablation_pairs.csv")
+        mats.append(abl.pivot_table(index=["layer", "head"], columns="pair_id", values="reduction").to_numpy())
+        g = info["gate"]
+        out[key] = {"model": info["model"], "params_b": info["n_params"] / 1e9, "gate": f"L{g['layer']}H{g['head']}",
+                    "necessity_pct": g["necessity_pct"], "gate_p_fwer": (info.get("statistics") or {}).get("gate_p_fwer"),
+                    "n_exact_heads": info.get("n_exact_heads"), "ablation_top_head": (info.get("ablation") or {}).get("top_head")}
+    r = S.strongest_ratio(mats[0], mats[1], n_boot=n_boot, seed=seed)
+    out["small"]["ablation_top_reduction"], out["large"]["ablation_top_reduction"] = r["small"], r["large"]
+    out["ratio"], out["ratio_lo"], out["ratio_hi"] = r["ratio"], r["lo"], r["hi"]
+    return out
+
+
+def read_sparsity(roots, n_boot: int = 2000, seed: int = 0, include_random: bool = False) -> pd.DataFrame:
     """The routing sparsity (:func:`refusal_circuits.gate.routing_sparsity`) of every screen folder below
-    ``root``, from its per-pair necessity rows: one row per (model, statistic), with ``method`` saying
-    whether every head was exact ("exact") or some are attribution estimates ("attribution + exact top-k")."""
+    ``roots`` (one model's row from the last root that holds it, as in :func:`read_screens`), from its
+    per-pair necessity rows: one row per (model, statistic), with ``method`` saying whether every head was exact ("exact") or some are attribution estimates ("attribution + exact top-k")."""
     frames = []
-    for _, row in read_screens(root, include_random).iterrows():
+    for _, row in read_screens(roots, include_random).iterrows():
         pairs = Path(row.folder) / "interchange_pairs.csv"
         if not pairs.exists():
             continue
         nec = pd.read_csv(pairs).query("direction == 'necessity'")
         sp = G.routing_sparsity(nec, n_boot=n_boot, seed=seed)
         exact = bool((sp.n_exact_heads == sp.n_heads).all())
-        frames.append(sp.assign(model=row.model, params_b=row.params_b,
+        frames.append(sp.assign(model=row.model, weights=row.weights, params_b=row.params_b,
                                 method="exact" if exact else "attribution + exact top-k"))
-    cols = ["model", "params_b", "method", "statistic", "estimate", "lo", "hi", "n_heads", "n_pairs", "n_exact_heads"]
+    cols = ["model", "weights", "params_b", "method", "statistic", "estimate", "lo", "hi", "n_heads", "n_pairs", "n_exact_heads"]
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 

@@ -36,7 +36,7 @@ import pandas as pd
 from . import patching
 from .data import align_pairs, data_hash, load_instructions, load_toy_pairs
 from .direction import DirectionChoice, candidate_directions, select_direction
-from .models import ChatModel
+from .models import ChatModel, middle_third
 from .generation import refusal_scores
 from .results import ResultsStore
 from .stats import fisher_greater
@@ -248,7 +248,7 @@ def transfer_windows(table: pd.DataFrame, subject_position: int, n_layers: int, 
     last_from = int(last[last >= params.high].index.min()) if (last >= params.high).any() else None
     reasons = {}
     if last_from is None:
-        third = list(layer_thirds(n_layers)[1])
+        third = list(middle_third(n_layers))
         window = third
         reasons["window"] = (f"the last position never restores >= {params.high:.0%} of the harmful metric, so no "
                              f"transfer layer is found; the middle third L{third[0]}-L{third[-1]} (the write-up's "
@@ -275,13 +275,6 @@ def transfer_windows(table: pd.DataFrame, subject_position: int, n_layers: int, 
                               "it, and its recovery is read at the final residual")
     return {"subject_until": subject_until, "last_from": last_from, "window": window, "clamp_layer": clamp,
             "self_repair_layers": repair, "reasons": reasons}
-
-
-def layer_thirds(n_layers: int) -> list[range]:
-    """Early / middle / late thirds of ``n_layers`` (the write-up's layer groups)."""
-    from .models import layer_groups
-
-    return layer_groups(n_layers, min(3, n_layers))
 
 
 def transfer(model: ChatModel, store: ResultsStore | None = None, params: TransferParams | None = None,

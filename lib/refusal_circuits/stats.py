@@ -156,3 +156,21 @@ def concentration(effects: np.ndarray, ks: tuple[int, ...] = (1, 5, 10), n_boot:
     est, lo, hi = bootstrap(stat, E, n_boot=n_boot, seed=seed, level=level)
     names = [f"top{k}" for k in ks] + ["gini"]
     return {n: (float(e), float(a), float(b)) for n, e, a, b in zip(names, est, lo, hi)}
+
+
+def strongest_ratio(small: np.ndarray, large: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """How much weaker the strongest unit of ``large`` is than that of ``small``: from per-unit effects
+    shaped ``[unit, pair]`` (two independent samples: pairs need not match), the ratio
+    ``max_u mean(small[u]) / max_u mean(large[u])``. The strongest unit is re-chosen in every resample, and
+    the two samples' pairs are resampled independently. Returns ``ratio, lo, hi`` and both maxima."""
+    S, L = np.asarray(small, dtype=float), np.asarray(large, dtype=float)
+    if S.ndim != 2 or L.ndim != 2 or min(S.shape) < 1 or min(L.shape) < 1:
+        raise ValueError(f"strongest_ratio needs two non-empty [unit, pair] arrays, got {S.shape} and {L.shape}.")
+    top_s, top_l = S.mean(-1).max(), L.mean(-1).max()
+    bs = S[:, resample_indices(S.shape[1], n_boot, seed)].mean(-1).max(0)        # [n_boot]
+    bl = L[:, resample_indices(L.shape[1], n_boot, seed + 1)].mean(-1).max(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = percentile_ci(bs / bl, level)
+        ratio = top_s / top_l
+    return {"ratio": float(ratio), "lo": float(lo), "hi": float(hi), "small": float(top_s), "large": float(top_l)}
