@@ -50,15 +50,17 @@ NBVAL_ENV := REFUSAL_RESULTS_DIR=$(CURDIR)/.nbval-results REFUSAL_FIGURES_DIR=$(
 	REFUSAL_PROGRESS=0 REFUSAL_PNG=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NBVAL := $(VENV)/bin/pytest -q --nbval-lax -p no:cacheprovider
 TINY_E2E := $(PY) -m refusal_circuits.runner --model tiny-gemma2 --device cpu
-test: venv
-	@mkdir -p build; echo "make test: lane 1 = unit tests, 06; lane 2 = 01-05, 07, then 01-07 on tiny-gemma2"; \
-	( $(NBVAL_ENV) $(NBVAL) notebooks/0[1-5]_*.ipynb notebooks/07_*.ipynb && $(NBVAL_ENV) $(TINY_E2E) ) \
-		> build/lane2.log 2>&1 & lane2=$$!; \
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -q tests; unit=$$?; \
+# the two lanes: $(1) runs in lane 1 before notebook 06; $(2) extends lane 2 after its notebooks
+lanes = @mkdir -p build; echo "make $@: lane 1 = $(if $(filter true,$(1)),,unit tests, )06; lane 2 = 01-05, 07$(if $(2), then 01-07 on tiny-gemma2)"; \
+	( $(NBVAL_ENV) $(NBVAL) notebooks/0[1-5]_*.ipynb notebooks/07_*.ipynb $(2) ) > build/lane2.log 2>&1 & lane2=$$!; \
+	$(1); unit=$$?; \
 	$(NBVAL_ENV) $(NBVAL) notebooks/06_*.ipynb; six=$$?; \
 	wait $$lane2; two=$$?; cat build/lane2.log; \
-	echo "make test: unit exit $$unit, notebook 06 exit $$six, lane 2 exit $$two"; \
+	echo "make $@: unit exit $$unit, notebook 06 exit $$six, lane 2 exit $$two"; \
 	test $$unit -eq 0 -a $$six -eq 0 -a $$two -eq 0
+
+test: venv
+	$(call lanes,OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -q tests,&& $(NBVAL_ENV) $(TINY_E2E))
 
 unit: venv
 	$(VENV)/bin/pytest -q tests
@@ -69,11 +71,7 @@ quick: venv
 
 ## nbval alone (the notebooks of make test, without the unit tests and the tiny-gemma2 run)
 nbval: venv
-	@mkdir -p build; \
-	$(NBVAL_ENV) $(NBVAL) notebooks/0[1-5]_*.ipynb notebooks/07_*.ipynb > build/nbval-lane2.log 2>&1 & lane2=$$!; \
-	$(NBVAL_ENV) $(NBVAL) notebooks/06_*.ipynb; one=$$?; \
-	wait $$lane2; two=$$?; cat build/nbval-lane2.log; \
-	echo "nbval: lane 1 exit $$one, lane 2 exit $$two"; test $$one -eq 0 -a $$two -eq 0
+	$(call lanes,true,)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks

@@ -427,9 +427,11 @@ screens_committed = rc.paths.DATA_DIR / "screens"
 ours = rc.screen.read_screens([screens_committed, rc.paths.results_dir() / "screen"])
 ours["source"] = ["ours (this notebook)" if f.startswith(str(rc.paths.results_dir())) else "ours (committed screens)"
                   for f in ours.folder]
+# this model's own cipher collapse is notebook 07's (it may or may not have run before this cell): not read here
+ours.loc[ours.source == "ours (this notebook)", "collapse_pct"] = float("nan")
 ref = rc.reference.reference_table()
 wide = lambda exp: ref[ref.experiment == exp].pivot_table(index="model", columns="quantity", values="value", aggfunc="first")
-paper = wide("panel").join(wide("gate")).join(wide("ablation")).join(wide("cipher_collapse")).reset_index()
+paper = wide("panel").join(wide("gate")).join(wide("ablation")).join(wide("cipher_collapse")[["collapse %"]]).reset_index()
 paper = pd.DataFrame({"model": paper.model, "layers": paper.layers.astype(int), "heads": paper.heads.astype(int),
                       "params_b": paper["params (B)"].astype(float), "gate": paper.gate,
                       "gate_layer": paper.gate.str.extract(r"L(\d+)H")[0].astype(int),
