@@ -221,8 +221,8 @@ def read_screens(roots, include_random: bool = False) -> pd.DataFrame:
     """One row per screen folder (a ``manifest.json`` beside an ``interchange.csv``) below ``roots`` (a
     folder or a list of them): model, weights fingerprint, layers, heads, parameters, the gate, its depth as
     a fraction of the layers, necessity %, its family-wise p, the strongest per-head directional
-    ablation (head and NLL reduction), and the gate's cipher collapse % where ``cipher`` ran on the folder. A model screened under several roots (the same name and weights)
-    keeps the row of the last root, e.g. a notebook's own screen over a committed one. Screens of
+    ablation (head and NLL reduction), and the gate's cipher collapse % where ``cipher`` ran on the folder.
+    A model screened under several roots (the same name and weights) keeps the row of the last root, e.g. a notebook's own screen over a committed one. Screens of
     random-weight test models (``tiny-<arch>``) are left out unless ``include_random``: they are not
     refusal models."""
     rows = []
@@ -254,19 +254,16 @@ def scaling_pair(small_dir: str | Path, large_dir: str | Path, n_boot: int = 200
     family-wise p. Raises ``FileNotFoundError`` naming the screen to run when a folder lacks the tables."""
     from . import stats as S
 
-    out = {}
-    mats = []
+    out, mats = {}, []
     for key, d in (("small", Path(small_dir)), ("large", Path(large_dir))):
-        if not (d / "manifest.json").exists() or not (d / "ablation_pairs.csv").exists():
+        row = read_screens(d, include_random=True)
+        if len(row) != 1 or not (d / "ablation_pairs.csv").exists():
             raise FileNotFoundError(f"{d} has no screen with per-pair ablation rows: run `refusal-circuits screen "
                                     f"--model ... --out {d}` (without --no-ablation).")
-        info = json.loads((d / "manifest.json").read_text())
         abl = pd.read_csv(d / "ablation_pairs.csv")
         mats.append(abl.pivot_table(index=["layer", "head"], columns="pair_id", values="reduction").to_numpy())
-        g = info["gate"]
-        out[key] = {"model": info["model"], "params_b": info["n_params"] / 1e9, "gate": f"L{g['layer']}H{g['head']}",
-                    "necessity_pct": g["necessity_pct"], "gate_p_fwer": (info.get("statistics") or {}).get("gate_p_fwer"),
-                    "n_exact_heads": info.get("n_exact_heads"), "ablation_top_head": (info.get("ablation") or {}).get("top_head")}
+        out[key] = row.iloc[0][["model", "params_b", "gate", "necessity_pct", "gate_p_fwer", "n_exact_heads",
+                                "ablation_top_head"]].to_dict()
     r = S.strongest_ratio(mats[0], mats[1], n_boot=n_boot, seed=seed)
     out["small"]["ablation_top_reduction"], out["large"]["ablation_top_reduction"] = r["small"], r["large"]
     out["ratio"], out["ratio_lo"], out["ratio_hi"] = r["ratio"], r["lo"], r["hi"]
@@ -276,7 +273,8 @@ def scaling_pair(small_dir: str | Path, large_dir: str | Path, n_boot: int = 200
 def read_sparsity(roots, n_boot: int = 2000, seed: int = 0, include_random: bool = False) -> pd.DataFrame:
     """The routing sparsity (:func:`refusal_circuits.gate.routing_sparsity`) of every screen folder below
     ``roots`` (one model's row from the last root that holds it, as in :func:`read_screens`), from its
-    per-pair necessity rows: one row per (model, statistic), with ``method`` saying whether every head was exact ("exact") or some are attribution estimates ("attribution + exact top-k")."""
+    per-pair necessity rows: one row per (model, statistic), with ``method`` saying whether every head was
+    exact ("exact") or some are attribution estimates ("attribution + exact top-k")."""
     frames = []
     for _, row in read_screens(roots, include_random).iterrows():
         pairs = Path(row.folder) / "interchange_pairs.csv"
