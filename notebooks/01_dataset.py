@@ -132,7 +132,27 @@ rc.reference.show("toy_metric", {"harmful mean logit metric": toy_h, "harmless m
                                  "harmful − harmless gap": toy_h - toy_s}, model.name);
 
 # %% [markdown]
-# **Reading.** On the organism, generations and the logit metric agree: harmful prompts get refusals and
-# a higher metric, harmless prompts answers and a lower one, on held-out data as on the toy pairs. The
-# absolute values differ from gemma-2b-it's (different vocabulary and logit scale); what the later
-# notebooks use is the harmful − harmless *gap*, which is what patching recovers.
+# ## Conclusion
+#
+# What the later notebooks stand on, as tests on this model: the model refuses the harmful requests more
+# often than the harmless ones (one-sided Fisher exact test), and the logit metric is higher on the harmful
+# prompts (the harmful − harmless mean difference, bootstrap 95% interval over prompts), on the held-out
+# test prompts and on the toy pairs. The absolute values differ from gemma-2b-it's (another vocabulary and
+# logit scale); what the later notebooks use is the harmful − harmless *gap*, which is what patching
+# recovers.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+C = rc.reference.Conclusion()
+for kind in ("test", "toy"):
+    (k_h, n_h), (k_s, n_s) = (gens.query(f"set == '{half} ({kind})'").refused.agg(["sum", "size"])
+                              for half in ("harmful", "harmless"))
+    p = rc.stats.fisher_greater(int(k_h), int(n_h), int(k_s), int(n_s))
+    C.add(f"it refuses harmful more often than harmless requests ({kind})",
+          f"{int(k_h)}/{int(n_h)} vs {int(k_s)}/{int(n_s)}, one-sided Fisher p = {p:.2g}", "p ≤ 0.01", p <= 0.01)
+    m_h, m_s = (metrics.query(f"set == '{half} ({kind})'").logit_metric.to_numpy() for half in ("harmful", "harmless"))
+    gap, lo, hi = rc.stats.bootstrap(lambda a, b: a.mean(axis=-1) - b.mean(axis=-1), m_h, m_s, n_boot=2000, seed=SEED)
+    C.add(f"the logit metric is higher on harmful prompts ({kind})",
+          f"harmful − harmless {float(gap):.2f} [{float(lo):.2f}, {float(hi):.2f}]",
+          "the 95% interval is above 0", float(lo) > 0)
+C.show()

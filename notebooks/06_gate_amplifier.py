@@ -52,6 +52,7 @@ SEED = 0
 # %%
 # %load_ext autoreload
 # %autoreload 2
+from pathlib import Path
 import numpy as np, pandas as pd, torch
 import refusal_circuits as rc
 from refusal_circuits.plotting import show
@@ -103,7 +104,7 @@ show(fig, "06_nll_gap", model.slug)
 # ## Necessity and sufficiency of every head
 #
 # Each cell is one query head (the slice of `hook_z`, the input of the output projection, that belongs to it:
-# SmolLM2's 9 query heads share 3 key/value heads). Squares mark the exact values; the other cells are the
+# on a grouped-query model several query heads share one key/value head, and each is scored). Squares mark the exact values; the other cells are the
 # attribution estimate.
 
 # %%
@@ -425,7 +426,8 @@ print(f"cos(d at L{det.layer}, notebook 02's r̂ at L{r_hat.layer}) = {cos_d:.2f
 # %%
 screens_committed = rc.paths.DATA_DIR / "screens"
 ours = rc.screen.read_screens([screens_committed, rc.paths.results_dir() / "screen"])
-ours["source"] = ["ours (this notebook)" if f.startswith(str(rc.paths.results_dir())) else "ours (committed screens)"
+ours["source"] = ["ours (this notebook)" if Path(f).resolve() == screen_dir.resolve() else
+                  "ours (results/screen)" if f.startswith(str(rc.paths.results_dir())) else "ours (committed screens)"
                   for f in ours.folder]
 # this model's own cipher collapse is notebook 07's (it may or may not have run before this cell): not read here
 ours.loc[ours.source == "ours (this notebook)", "collapse_pct"] = float("nan")
@@ -529,8 +531,8 @@ for m, r in top10.iterrows():
 #
 # Each claim of the paper, tested on this model: our number beside the paper's (from the reference table),
 # the criterion, and the verdict. Every criterion is stated before its number and can come out either way; a
-# claim whose precondition fails here is "not testable here". The organism is a 135M model fine-tuned to
-# refuse, so a claim that fails is a finding about it, not a failure of the method.
+# claim whose precondition fails here is "not testable here". The paper's models are 2B to 72B; a claim that
+# fails on a smaller model is a finding about that model, not a failure of the method.
 
 # %%
 # NBVAL_CHECK_OUTPUT

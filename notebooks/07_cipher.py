@@ -23,8 +23,8 @@
 # * **cipher contrast and bands** (ours and the paper's band rule), and the **detection probe profile**
 #   `resid · d` by layer, read over every layer against the encoded controls.
 #
-# A 135M model cannot solve a substitution cipher in context, so what the organism does with the cipher
-# prompt is itself the first finding.
+# A small model may not solve a substitution cipher in context at all, so what this model does with the
+# cipher prompt is itself the first finding.
 
 # %% tags=["parameters"]
 MODEL = "smollm2-135m-refusal"
@@ -95,7 +95,7 @@ print(f"NLL gap (sensitive − control): plain {g['plain']:.2f}; cipher sensitiv
       f"cipher sensitive − encoded control {g['cipher_control']:.2f}")
 
 # %% [markdown]
-# ## Behaviour: what the organism does with a cipher prompt
+# ## Behaviour: what the model does with a cipher prompt
 #
 # Greedy completions of the plain and the cipher-encoded sensitive prompts, and of the plain and the
 # *encoded* controls, scored by the substring rule and sorted into classes (first 200 characters,
@@ -265,7 +265,7 @@ for l in [det.layer, (det.layer + model.n_layers - 1) // 2, model.n_layers - 1]:
 #
 # Each claim of the paper, tested here: our number beside the paper's (from the reference table), the
 # criterion, and the verdict; a claim whose precondition fails is "not testable here". The encoded control
-# arm decides what the cipher results can mean: if the organism refuses the encoded *controls* as often as the
+# arm decides what the cipher results can mean: if the model refuses the encoded *controls* as often as the
 # encoded sensitive prompts, its cipher refusals are refusals of the format, not of the request.
 
 # %%
