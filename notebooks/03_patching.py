@@ -168,9 +168,11 @@ unclamped = rc.refusal_metrics(model, clamp_prompts).assign(kind=natural.kind.va
 gap_metric = float(unclamped["harmful"] - unclamped["harmless"])   # the natural harmful − harmless metric gap
 rate = clamp_gen.groupby("value").refused.mean()
 first = rate[rate >= 0.5].index.min() if (rate >= 0.5).any() else None
+first_text = f"from clamp value {first:.2f}" if first is not None else "at no clamp value of the sweep"
 print(f"natural component at layer {clamp_layer}: harmless {nat['harmless']:.1f}, harmful {nat['harmful']:.1f}")
 print(f"harmless prompts, metric vs clamp value: correlation {lin:.2f}, slope {slope:.3f} metric units per unit "
-      f"(the metric moves {span:.2f} over the whole sweep); harmless prompts refuse (≥50%) from value {first}")
+      f"(the metric moves {span:.2f} over the whole sweep); harmless prompts refuse (≥50%) {first_text} "
+      f"(largest rate {rate.max():.0%})")
 rc.reference.show("clamping", {"natural component harmless": nat["harmless"], "natural component harmful": nat["harmful"],
                                "refusals from clamp value": first, "layer": clamp_layer,
                                "finding": f"metric vs clamp value: correlation {lin:.2f}, slope {slope:.3f}"}, model.name);
@@ -247,7 +249,7 @@ C.add("the metric rises steadily with the clamped component",
       "correlation ≥ 0.9 and the sweep moves the metric by at least half the harmful − harmless gap",
       lin >= 0.9 and span >= 0.5 * gap_metric)
 C.add("clamping the component makes harmless prompts refuse",
-      f"refusal ≥ 50% from clamp value {first} (Gemma: {rc.reference.value('clamping', 'refusals from clamp value'):.0f}); "
+      f"refusal ≥ 50% {first_text} (Gemma: from {rc.reference.value('clamping', 'refusals from clamp value'):.0f}); "
       f"largest rate {rate.max():.0%}",
       "some clamp value up to 1.5× the natural harmful component makes ≥ 50% of the harmless prompts refuse",
       first is not None)
