@@ -153,6 +153,23 @@ def test_knockout_of_the_planted_gate_silences_its_amplifiers_and_random_heads_d
     assert summary["p_random_ge_gate"] == pytest.approx(1 / 5)
 
 
+def test_knockout_changes_are_measured_against_the_same_pairs(planted):
+    """The amplifiers come from a summary over every pair; the knockout runs on a subset. A head that writes
+    nothing changes nothing, so the random (silent) heads' change must be zero on the subset too: the
+    baseline is the unablated DLA of the subset, not the summary's."""
+    model, gp = planted
+    dla, per_pair = G.head_dla(model, gp, n_boot=20)
+    sub = gp.subset(range(2))
+    df = R.knockout_cascade(model, sub, GATE, dla, k=3, n_random=4, window=2, rules=("after_gate",), progress=False)
+    want = per_pair[per_pair.pair_id.isin(sub.pairs.pair_id)].groupby(["layer", "head"])["diff"].mean()
+    for a, n0 in zip(df.amplifier, df.normal):
+        l, h = map(int, a[1:].split("H"))
+        assert n0 == pytest.approx(float(want.loc[(l, h)]), rel=1e-4, abs=1e-6)
+    full = dla.set_index(["layer", "head"]).dla
+    assert any(abs(float(full.loc[a]) - float(want.loc[a])) > 1e-3 * abs(float(full.loc[a])) for a in AMPS)
+    assert df[df.kind == "random"].change_pct.abs().max() < 1e-3
+
+
 def test_cascade_summary_on_known_numbers():
     df = pd.DataFrame({"knocked": ["g", "g", "r1", "r1", "r2", "r2"], "kind": ["gate"] * 2 + ["random"] * 4,
                        "rule": "after_gate", "amplifier": ["a", "b"] * 3, "normal": [2.0, -1.0] * 3,

@@ -48,7 +48,9 @@ ANALYSIS_VERSIONS: dict[str, int] = {name: 1 for name in (
     "necessity", "sufficiency", "atp_necessity", "atp_sufficiency", "necessity_top", "sufficiency_top",
     "ablation", "gaps", "knockout_cascade", "dose_response", "dose_response_paper", "cipher_contrast",
     "rescue", "behaviour", "refusal_table",
-)}
+)} | {
+    "knockout_cascade": 2,   # the amplifiers' unablated DLA on the knockout's own pairs, not the screen's
+}
 
 
 def analysis_version(name: str) -> int:

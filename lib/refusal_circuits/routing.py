@@ -263,6 +263,9 @@ def knockout_cascade(model: ChatModel, gp: G.GatePairs, gate: tuple[int, int], d
     ``rules`` (:func:`amplifiers_of` on ``dla``, the unablated :func:`refusal_circuits.gate.head_dla`
     summary). The null knocks out instead each of ``n_random`` random heads near the gate
     (:func:`null_heads`, amplifiers excluded); ``extra`` heads are knocked out too, labelled ``extra``.
+    ``dla`` only picks the amplifiers; ``normal`` is each amplifier's unablated DLA on ``gp`` itself, the
+    pairs the knockouts run on (a screen's summary over other pairs would add the difference between the
+    two pair sets to every knockout's change, the null's included).
     One row per (knocked head, rule, amplifier): ``knocked, kind`` (gate / random / extra), ``rule,
     amplifier, normal, knockout, change_pct`` = ``100 (knockout - normal) / |normal|``,
     ``suppressed_signed`` (change % < 0: the paper's count) and ``suppressed_abs`` (``|DLA|`` moved toward
@@ -275,7 +278,8 @@ def knockout_cascade(model: ChatModel, gp: G.GatePairs, gate: tuple[int, int], d
     kinds = {gate: "gate", **{tuple(map(int, e)): "extra" for e in extra if tuple(map(int, e)) != gate},
              **{h: "random" for h in nulls}}
     knocked = list(kinds)
-    normal = dla.set_index(["layer", "head"]).dla
+    sens, ctrl = G.head_dla_pairs(model, gp, batch_size)
+    normal = (sens - ctrl).mean(-1)                                                # [L, H], unablated, on gp
     memo: dict = {}
     layers = sorted(dict.fromkeys(l for l, _ in knocked))
 
@@ -287,7 +291,7 @@ def knockout_cascade(model: ChatModel, gp: G.GatePairs, gate: tuple[int, int], d
             diff = diffs[head].mean(-1)                                            # [L, H]
             for rule, amp_list in amps.items():
                 for a in amp_list:
-                    n0, ko = float(normal.loc[a]), float(diff[a])
+                    n0, ko = float(normal[a]), float(diff[a])
                     rows.append({"knocked": f"L{head[0]}H{head[1]}", "kind": kinds[head], "rule": rule,
                                  "amplifier": f"L{a[0]}H{a[1]}", "normal": n0, "knockout": ko,
                                  "change_pct": 100 * (ko - n0) / abs(n0), "suppressed_signed": bool(ko < n0),
