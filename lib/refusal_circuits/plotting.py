@@ -13,6 +13,7 @@ without JavaScript shows the image.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -58,6 +59,9 @@ def _save(fig: go.Figure, name: str, model_slug: str, png: bool | None = None) -
     want_png = png if png is not None else os.environ.get("REFUSAL_PNG", "1") != "0"
     image = None
     if want_png and chrome_path():
+        # kaleido's browser driver logs a traceback for each browser message it cannot parse and then
+        # carries on; in a notebook that lands in the stored outputs (with the machine's paths)
+        logging.getLogger("choreographer").setLevel(logging.CRITICAL)
         try:
             image = fig.to_image(format="png", scale=1.5)
             png_path.write_bytes(image)
