@@ -429,8 +429,12 @@ ours = rc.screen.read_screens([screens_committed, rc.paths.results_dir() / "scre
 ours["source"] = ["ours (this notebook)" if Path(f).resolve() == screen_dir.resolve() else
                   "ours (results/screen)" if f.startswith(str(rc.paths.results_dir())) else "ours (committed screens)"
                   for f in ours.folder]
-# this model's own cipher collapse is notebook 07's (it may or may not have run before this cell): not read here
-ours.loc[ours.source == "ours (this notebook)", "collapse_pct"] = float("nan")
+# this model's own cipher collapse is notebook 07's (it may or may not have run before this cell): not read here;
+# the committed cipher stage of the same weights is shown where there is one
+committed_collapse = rc.screen.read_screens(screens_committed).set_index(["model", "weights"]).collapse_pct
+is_own = ours.source == "ours (this notebook)"
+ours.loc[is_own, "collapse_pct"] = [committed_collapse.get((m, w), float("nan"))
+                                    for m, w in zip(ours.model[is_own], ours.weights[is_own])]
 ref = rc.reference.reference_table()
 wide = lambda exp: ref[ref.experiment == exp].pivot_table(index="model", columns="quantity", values="value", aggfunc="first")
 paper = wide("panel").join(wide("gate")).join(wide("ablation")).join(wide("cipher_collapse")[["collapse %"]]).reset_index()

@@ -163,6 +163,25 @@ def collapse(nec_plain: np.ndarray, nec_cipher: np.ndarray, n_boot: int = 1000, 
             "change_nll": float(est[2]), "change_nll_ci": (float(lo[2]), float(hi[2])), "n_pairs": len(p)}
 
 
+def collapse_beyond_control(nec_plain: np.ndarray, nec_cipher: np.ndarray, nec_control: np.ndarray,
+                            n_boot: int = 1000, seed: int = 0) -> dict:
+    """Does a head's necessity collapse more when the *request* is encoded than when both prompts are
+    (the encoded-control arm, i.e. the format alone)? ``difference`` = absolute collapse of the cipher arm
+    minus that of the control arm (:func:`collapse`, both against the same plain pairs) = ``(mean|nec_control|
+    - mean|nec_cipher|) / mean|nec_plain|``, with a paired bootstrap 95% interval over pairs."""
+    p, c, k = (np.asarray(a, float) for a in (nec_plain, nec_cipher, nec_control))
+    if not (p.shape == c.shape == k.shape) or len(p) == 0:
+        raise ValueError(f"need the same non-empty set of pairs for the plain, cipher and control arms, got "
+                         f"{p.shape}, {c.shape} and {k.shape}.")
+    from . import stats
+
+    def stat(pp, cc, kk):
+        return np.array([(np.abs(kk).mean() - np.abs(cc).mean()) / np.abs(pp).mean()])
+
+    est, lo, hi = stats.bootstrap(stat, p, c, k, n_boot=n_boot, seed=seed)
+    return {"difference": float(est[0]), "ci": (float(lo[0]), float(hi[0])), "n_pairs": len(p)}
+
+
 @torch.no_grad()
 def last_z(model: ChatModel, instructions: Sequence[str], heads: Sequence[tuple[int, int]], batch_size: int = 16
            ) -> dict[tuple[int, int], torch.Tensor]:
